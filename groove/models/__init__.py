@@ -1,0 +1,1 @@
+"""Checkpoints without weights: resolving, headers, fingerprints, sizes and splits."""

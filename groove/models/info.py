@@ -1,0 +1,88 @@
+"""``groove info``: layer sizes and balanced splits, from headers alone."""
+
+from __future__ import annotations
+
+from .checkpoint import EMBED_KEY, HEAD_KEY, LAYER_KEY, Checkpoint
+
+
+def layer_bytes(ckpt: Checkpoint) -> list[int]:
+    sizes = [0] * ckpt.num_layers
+    for name, t in ckpt.tensors.items():
+        m = LAYER_KEY.match(name)
+        if m and int(m.group(1)) < len(sizes):
+            sizes[int(m.group(1))] += t.nbytes
+    return sizes
+
+
+def edge_bytes(ckpt: Checkpoint) -> tuple[int, int]:
+    """Bytes only the first node holds (embedding) and only the last node holds (norm and
+    lm_head; with tied embeddings the last node loads the embedding matrix as its head)."""
+    embed = ckpt.tensors[EMBED_KEY].nbytes if EMBED_KEY in ckpt.tensors else 0
+    head = ckpt.tensors[HEAD_KEY].nbytes if HEAD_KEY in ckpt.tensors else embed
+    other = sum(t.nbytes for n, t in ckpt.tensors.items() if not LAYER_KEY.match(n) and n not in (EMBED_KEY, HEAD_KEY))
+    return embed, head + other
+
+
+def balanced_split(sizes: list[int], first_extra: int, last_extra: int, parts: int) -> list[list[int]] | None:
+    """Contiguous ranges minimising the largest node's bytes (exact DP; layer counts are small)."""
+    n = len(sizes)
+    if parts > n:
+        return None
+    prefix = [0]
+    for s in sizes:
+        prefix.append(prefix[-1] + s)
+
+    def cost(i: int, j: int) -> int:  # layers i..j-1 on one node
+        return prefix[j] - prefix[i] + (first_extra if i == 0 else 0) + (last_extra if j == n else 0)
+
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(parts + 1)]
+    cut = [[0] * (n + 1) for _ in range(parts + 1)]
+    best[0][0] = 0
+    for k in range(1, parts + 1):
+        for j in range(k, n + 1):
+            for i in range(k - 1, j):
+                c = max(best[k - 1][i], cost(i, j))
+                if c < best[k][j]:
+                    best[k][j], cut[k][j] = c, i
+    ranges, j = [], n
+    for k in range(parts, 0, -1):
+        i = cut[k][j]
+        ranges.append([i, j - 1])
+        j = i
+    return ranges[::-1]
+
+
+def describe(ckpt: Checkpoint) -> dict:
+    cfg = ckpt.config
+    sizes = layer_bytes(ckpt)
+    embed, head = edge_bytes(ckpt)
+    splits = {}
+    for parts in (2, 3, 4):
+        split = balanced_split(sizes, embed, head, parts)
+        if split is not None:
+            splits[str(parts)] = split
+    return {
+        "model": ckpt.ref.name,
+        "fingerprint": ckpt.fingerprint(),
+        "architecture": (cfg.get("architectures") or [cfg.get("model_type", "unknown")])[0],
+        "model_type": cfg.get("model_type", ""),
+        "num_layers": ckpt.num_layers,
+        "hidden_size": cfg.get("hidden_size"),
+        "vocab_size": cfg.get("vocab_size"),
+        "num_parameters": sum(_numel(t.shape) for t in ckpt.tensors.values()),
+        "total_bytes": sum(t.nbytes for t in ckpt.tensors.values()),
+        "bytes_per_layer": max(sizes) if sizes else 0,
+        "layer_bytes": sizes,
+        "embedding_bytes": embed,
+        "head_bytes": head,
+        "tied_embeddings": ckpt.tied_embeddings,
+        "splits": splits,
+    }
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

@@ -1,0 +1,169 @@
+"""Build a node's slice of a checkpoint, reading only the tensors that slice needs.
+
+The slice is a transformers ``*ForCausalLM`` built on the meta device from a config cut
+down to the slice's layers, so transformers' own forward (masks, rotary embeddings,
+sliding windows) runs it, its layers are numbered 0..n-1 and its KV cache is compact.
+Its tensors are then read one by one with ``safe_open`` and assigned in place: peak memory
+is the slice plus fixed overhead, never the whole model.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..models.architectures import check_supported
+from ..models.checkpoint import EMBED_KEY, HEAD_KEY, LAYER_KEY, NORM_KEY, Checkpoint, ModelError, hub_file
+
+
+@dataclass
+class LoadedSlice:
+    model: nn.Module  # the *ForCausalLM, pruned to this slice
+    config: object  # transformers config of the slice
+    first: int
+    last: int
+    num_layers: int
+    is_first: bool
+    is_last: bool
+    device: torch.device
+    dtype: torch.dtype
+    load_s: float
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ModelError("--device cuda was requested but torch sees no CUDA device")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ModelError("--device mps was requested but MPS is not available")
+    return torch.device(name)
+
+
+def cpu_supports_bf16() -> bool:
+    cpu = getattr(torch, "cpu", None)
+    if cpu is None:
+        return False
+    native = getattr(cpu, "_is_avx512_bf16_supported", lambda: False)() or getattr(cpu, "_is_amx_tile_supported", lambda: False)()
+    # AVX-512 converts bf16 in hardware and oneDNN runs bf16 matmuls on it; decoding is
+    # memory-bound, so halving the bytes read wins even without native bf16 arithmetic.
+    return bool(native) or torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_supports_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def parse_layers(spec: str, num_layers: int) -> tuple[int, int]:
+    try:
+        a, _, b = spec.partition("-")
+        first, last = int(a), int(b if b else a)
+    except ValueError:
+        raise ModelError(f"--layers {spec!r} is not a range like 0-11") from None
+    if first < 0 or last < first:
+        raise ModelError(f"--layers {spec}: the range is empty or negative")
+    if last >= num_layers:
+        raise ModelError(f"--layers {spec} is outside the model, which has layers 0-{num_layers - 1}")
+    return first, last
+
+
+def slice_config(ckpt: Checkpoint, first: int, last: int):
+    from transformers import CONFIG_MAPPING
+
+    model_type = check_supported(ckpt.config)
+    full = CONFIG_MAPPING[model_type].from_dict(dict(ckpt.config))
+    sub = copy.deepcopy(full)
+    sub.num_hidden_layers = last - first + 1
+    if getattr(full, "layer_types", None):
+        sub.layer_types = list(full.layer_types[first : last + 1])
+    sub._attn_implementation = "sdpa"
+    return sub
+
+
+def tensor_plan(ckpt: Checkpoint, first: int, last: int) -> dict[str, list[str]]:
+    """Checkpoint tensor name -> the slice's parameter names it fills."""
+    plan: dict[str, list[str]] = defaultdict(list)
+    for name in ckpt.tensors:
+        m = LAYER_KEY.match(name)
+        if m and first <= int(m.group(1)) <= last:
+            local = f"model.layers.{int(m.group(1)) - first}." + name[m.end() :]
+            plan[name].append(local)
+    is_first, is_last = first == 0, last == ckpt.num_layers - 1
+    if is_first:
+        plan[EMBED_KEY].append("model.embed_tokens.weight")
+    if is_last:
+        plan[NORM_KEY].append("model.norm.weight")
+        plan[HEAD_KEY if HEAD_KEY in ckpt.tensors else EMBED_KEY].append("lm_head.weight")
+    missing = [n for n in plan if n not in ckpt.tensors]
+    if missing:
+        raise ModelError(f"checkpoint {ckpt.ref.source} lacks tensors {missing[:3]}")
+    return plan
+
+
+def load_slice(ckpt: Checkpoint, first: int, last: int, device: torch.device, dtype: torch.dtype) -> LoadedSlice:
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    t0 = time.perf_counter()
+    config = slice_config(ckpt, first, last)
+    is_first, is_last = first == 0, last == ckpt.num_layers - 1
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    body = model.model
+    # Drop what this slice never runs, so no meta tensor is left behind in a used module.
+    if not is_first:
+        body.embed_tokens = None
+    if not is_last:
+        body.norm = nn.Identity()
+        model.lm_head = nn.Identity()
+
+    plan = tensor_plan(ckpt, first, last)
+    by_file: dict[str, list[str]] = defaultdict(list)
+    for name in plan:
+        by_file[ckpt.tensors[name].file].append(name)
+    state: dict[str, torch.Tensor] = {}
+    load_device = "cpu" if device.type == "mps" else str(device)
+    for fname, names in by_file.items():
+        path = hub_file(ckpt.ref, fname)
+        with safe_open(str(path), framework="pt", device=load_device) as f:
+            for name in names:
+                tensor = f.get_tensor(name).to(device=device, dtype=dtype)
+                for local in plan[name]:
+                    state[local] = tensor
+    result = model.load_state_dict(state, strict=False, assign=True)
+    # Tied embeddings on a single node: one tensor serves both ends.
+    if is_first and is_last and "lm_head.weight" in state:
+        model.lm_head.weight = body.embed_tokens.weight if HEAD_KEY not in ckpt.tensors else model.lm_head.weight
+    # inv_freq is computed, not stored in checkpoints: build the rotary embedding for real.
+    body.rotary_emb = type(body.rotary_emb)(config=config).to(device)
+    left_on_meta = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+    if left_on_meta:
+        raise ModelError(f"tensors missing from the checkpoint for this slice: {left_on_meta[:5]} (unexpected: {result.unexpected_keys[:3]})")
+    model.eval()
+    return LoadedSlice(
+        model=model,
+        config=config,
+        first=first,
+        last=last,
+        num_layers=ckpt.num_layers,
+        is_first=is_first,
+        is_last=is_last,
+        device=device,
+        dtype=dtype,
+        load_s=time.perf_counter() - t0,
+    )

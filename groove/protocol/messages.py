@@ -1,0 +1,166 @@
+"""Wire Protocol v2 envelope headers.
+
+Every frame carries one of these structs, msgpack-encoded, tagged by its ``type`` field.
+msgspec validates each header against its schema while decoding, so a handler only ever
+sees well-typed messages. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Union
+
+import msgspec
+
+PROTOCOL_VERSION = 2
+
+
+class Envelope(msgspec.Struct, tag_field="type", kw_only=True, forbid_unknown_fields=True):
+    """Fields every message carries. ``session`` routes, ``seq`` orders steps in a session."""
+
+    v: int = PROTOCOL_VERSION
+    id: int = 0
+    session: str = ""
+    src: str = ""
+    dst: str = ""
+    seq: int = 0
+
+
+class Sampling(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 0
+    seed: int | None = None
+
+
+class Range(msgspec.Struct, array_like=True):
+    first: int
+    last: int
+
+
+# --- handshake ---------------------------------------------------------------------------
+
+
+class Hello(Envelope, tag="hello"):
+    role: Literal["node", "consumer"]
+    token: str = ""
+    software: str = ""
+
+
+class Welcome(Envelope, tag="welcome"):
+    peer_id: str
+    relay_software: str = ""
+
+
+class NodeRegister(Envelope, tag="node_register"):
+    model: str
+    fingerprint: str
+    num_layers: int
+    layers: Range
+    device: str
+    dtype: str
+    hidden_size: int
+    vocab_size: int
+    load_s: float = 0.0
+    rss_bytes: int = 0
+    peak_rss_bytes: int = 0
+
+
+class Registered(Envelope, tag="registered"):
+    node_id: str
+
+
+class Heartbeat(Envelope, tag="heartbeat"):
+    sessions: int = 0
+    tokens_processed: int = 0
+    rss_bytes: int = 0
+    peak_rss_bytes: int = 0
+
+
+# --- sessions ----------------------------------------------------------------------------
+
+
+class OpenSession(Envelope, tag="open_session"):
+    model: str
+    fingerprint: str = ""
+    sampling: Sampling = msgspec.field(default_factory=Sampling)
+
+
+class SessionOpened(Envelope, tag="session_opened"):
+    model: str
+    fingerprint: str
+    pipeline: list[str]
+    ranges: list[Range]
+
+
+class PipelineConfig(Envelope, tag="pipeline_config"):
+    """Relay -> node: this node serves ``session`` at ``position`` of a chain of ``length``."""
+
+    position: int
+    length: int
+    sampling: Sampling
+
+
+class Generate(Envelope, tag="generate"):
+    """Consumer -> relay: append ``tokens`` to the session and generate up to ``max_tokens``."""
+
+    tokens: list[int]
+    max_tokens: int
+    want_logits: bool = False
+
+
+class Forward(Envelope, tag="forward"):
+    """One pipeline step. The first hop carries token ids; later hops carry hidden states
+    as the payload (``dtype``/``shape``). ``start`` is the position of the first input token
+    in the session, so every node can check its cache is in step."""
+
+    start: int
+    count: int
+    tokens: list[int] | None = None
+    dtype: str = ""
+    shape: list[int] = []
+    remaining: int = 1
+    want_logits: bool = False
+
+
+class Result(Envelope, tag="result"):
+    """Last node -> relay -> consumer: the sampled token (None after a cancel).
+    ``finish`` is '' while generation continues, else 'stop', 'length' or 'cancelled'.
+    With ``want_logits`` the payload holds the last position's float32 logits."""
+
+    token: int | None
+    finish: str = ""
+    dtype: str = ""
+    shape: list[int] = []
+
+
+class Cancel(Envelope, tag="cancel"):
+    pass
+
+
+class CloseSession(Envelope, tag="close_session"):
+    pass
+
+
+class Error(Envelope, tag="error"):
+    code: str
+    message: str
+    missing: list[Range] = []
+    fatal: bool = False
+
+
+Message = Union[
+    Hello,
+    Welcome,
+    NodeRegister,
+    Registered,
+    Heartbeat,
+    OpenSession,
+    SessionOpened,
+    PipelineConfig,
+    Generate,
+    Forward,
+    Result,
+    Cancel,
+    CloseSession,
+    Error,
+]
