@@ -1,0 +1,167 @@
+"""The ``groove`` command. Each subcommand imports only what it needs, so commands that run
+no model (relay, status, generate, chat) start without loading torch."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+
+DEFAULT_RELAY = "127.0.0.1:8770"
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="local checkpoint directory or hub id")
+    p.add_argument("--model-name", default=None, help="name on the network (default: hub id or directory name)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    p.add_argument("--max-tokens", type=int, default=max_tokens)
+    p.add_argument("--temperature", type=float, default=0.7, help="0 means greedy")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for a complete pipeline")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="groove", description="Run one LLM across several machines, a slice of layers on each.")
+    parser.add_argument("--version", action="version", version=f"groove {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("relay", help="run the relay (the one process that listens)")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=8770)
+    p.add_argument("-v", "--verbose", action="store_true")
+
+    p = sub.add_parser("node", help="serve a slice of a model's layers")
+    _add_model_args(p)
+    p.add_argument("--layers", required=True, help="first-last decoder layers, e.g. 0-11")
+    p.add_argument("--relay", default=DEFAULT_RELAY)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+    p = sub.add_parser("generate", help="generate text from a prompt")
+    p.add_argument("--relay", default=DEFAULT_RELAY)
+    _add_model_args(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt")
+    src.add_argument("--prompt-file")
+    _add_sampling_args(p, 200)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+
+    p = sub.add_parser("chat", help="multi-turn chat; the session's KV cache is kept between turns")
+    p.add_argument("--relay", default=DEFAULT_RELAY)
+    _add_model_args(p)
+    p.add_argument("--system", default=None, help="system prompt")
+    _add_sampling_args(p, 256)
+
+    p = sub.add_parser("status", help="show the relay's nodes and model coverage")
+    p.add_argument("--relay", default=DEFAULT_RELAY)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("info", help="layers, sizes and recommended splits of a model")
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("demo", help="relay + 2 nodes + a generation on a small built-in model")
+    p.add_argument("--prompt", default=None)
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--model", default=None, help="checkpoint to demo (default: the built-in one)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return _dispatch(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args) -> int:
+    if args.command == "relay":
+        return _relay(args)
+    if args.command == "node":
+        from .node.main import run
+
+        return run(args)
+    if args.command == "generate":
+        from .consumer.commands import run_generate
+
+        return run_generate(args)
+    if args.command == "chat":
+        from .consumer.commands import run_chat
+
+        return run_chat(args)
+    if args.command == "status":
+        from .consumer.commands import run_status
+
+        return run_status(args)
+    if args.command == "info":
+        return _info(args)
+    if args.command == "demo":
+        from .demo import run
+
+        return run(args)
+    raise AssertionError(args.command)
+
+
+def _relay(args) -> int:
+    import asyncio
+    import logging
+
+    from .relay.server import serve
+
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(serve(args.host, args.port))
+    except OSError as exc:
+        print(f"error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _info(args) -> int:
+    import json
+
+    from .models import checkpoint, info
+    from .models.checkpoint import ModelError
+
+    try:
+        desc = info.describe(checkpoint.load(args.model))
+    except (ModelError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(desc))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    mib = 2**20
+    console = Console()
+    console.print(f"[bold]{desc['model']}[/bold]: {desc['architecture']}, {desc['num_layers']} layers, hidden {desc['hidden_size']}, "
+                  f"vocab {desc['vocab_size']}, {desc['num_parameters'] / 1e6:.1f}M parameters, {desc['total_bytes'] / mib:.1f} MiB")
+    console.print(f"per layer {desc['bytes_per_layer'] / mib:.2f} MiB; embedding {desc['embedding_bytes'] / mib:.2f} MiB (first node); "
+                  f"head and norm {desc['head_bytes'] / mib:.2f} MiB (last node){', tied' if desc['tied_embeddings'] else ''}")
+    table = Table(title="recommended splits (balanced by bytes)")
+    table.add_column("nodes")
+    table.add_column("layers per node")
+    table.add_column("MiB per node")
+    sizes = desc["layer_bytes"]
+    for n, ranges in desc["splits"].items():
+        mibs = []
+        for i, (a, b) in enumerate(ranges):
+            total = sum(sizes[a : b + 1]) + (desc["embedding_bytes"] if a == 0 else 0) + (desc["head_bytes"] if b == len(sizes) - 1 else 0)
+            mibs.append(f"{total / mib:.1f}")
+        table.add_row(n, "  ".join(f"{a}-{b}" for a, b in ranges), "  ".join(mibs))
+    console.print(table)
+    return 0

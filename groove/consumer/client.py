@@ -1,0 +1,177 @@
+"""The Python client: open sessions on a relay and stream tokens from them.
+
+    async with Client("127.0.0.1:8770") as c:
+        session = await c.open_session("my-model", Sampling(temperature=0), wait=30)
+        async for step in c.generate(session, prompt_ids, max_tokens=64):
+            print(step.token)
+
+One WebSocket carries any number of sessions; replies are matched to requests by message
+id and session id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import aiohttp
+
+from .. import __version__
+from ..protocol import errors as E
+from ..protocol.errors import ProtocolError
+from ..protocol.framing import DEFAULT_MAX_FRAME_BYTES, decode, encode
+from ..protocol.messages import Cancel, CloseSession, Error, Generate, Hello, OpenSession, Result, Sampling, SessionOpened, Welcome
+from ..protocol.address import relay_url
+
+
+class GrooveError(Exception):
+    def __init__(self, code: str, message: str, missing: list[list[int]] | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.missing = missing or []
+
+
+@dataclass
+class SessionInfo:
+    id: str
+    model: str
+    fingerprint: str
+    pipeline: list[str]
+    ranges: list[list[int]]
+
+
+@dataclass
+class Step:
+    token: int | None
+    finish: str
+    logits: object = None  # float32 tensor when requested
+
+
+class Client:
+    def __init__(self, relay: str):
+        self.relay = relay
+        self.url = relay_url(relay)
+        self._http: aiohttp.ClientSession | None = None
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._reader: asyncio.Task | None = None
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future] = {}
+        self._streams: dict[str, asyncio.Queue] = {}
+        self.peer_id = ""
+
+    async def __aenter__(self) -> "Client":
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        self._http = aiohttp.ClientSession()
+        try:
+            self._ws = await self._http.ws_connect(self.url, max_msg_size=DEFAULT_MAX_FRAME_BYTES, heartbeat=10.0)
+        except (aiohttp.ClientError, OSError) as exc:
+            await self._http.close()
+            raise GrooveError("unreachable", f"relay {self.relay} is unreachable: {exc}") from None
+        self._reader = asyncio.create_task(self._read())
+        welcome = await self._request(Hello(role="consumer", software=f"groove {__version__}"))
+        assert isinstance(welcome, Welcome)
+        self.peer_id = welcome.peer_id
+
+    async def close(self) -> None:
+        if self._reader:
+            self._reader.cancel()
+        if self._ws is not None:
+            await self._ws.close()
+        if self._http is not None:
+            await self._http.close()
+
+    async def _read(self) -> None:
+        lost = GrooveError("disconnected", f"lost the connection to relay {self.relay}")
+        try:
+            async for msg in self._ws:
+                if msg.type != aiohttp.WSMsgType.BINARY:
+                    continue
+                try:
+                    header, payload = decode(msg.data)
+                except ProtocolError:
+                    continue
+                self._route(header, payload)
+        finally:
+            for fut in self._waiting.values():
+                if not fut.done():
+                    fut.set_exception(lost)
+            for q in self._streams.values():
+                q.put_nowait(lost)
+
+    def _route(self, header, payload) -> None:
+        if header.id and header.id in self._waiting:
+            fut = self._waiting.pop(header.id)
+            if not fut.done():
+                fut.set_result(header)
+            return
+        if header.session in self._streams:
+            if isinstance(header, Result) and header.dtype:
+                from ..protocol.tensors import from_bytes
+
+                self._streams[header.session].put_nowait(Step(header.token, header.finish, from_bytes(bytes(payload), header.dtype, header.shape)))
+            elif isinstance(header, Result):
+                self._streams[header.session].put_nowait(Step(header.token, header.finish))
+            elif isinstance(header, Error):
+                self._streams[header.session].put_nowait(GrooveError(header.code, header.message, [[r.first, r.last] for r in header.missing]))
+
+    async def _request(self, msg):
+        msg.id = next(self._ids)
+        fut = asyncio.get_running_loop().create_future()
+        self._waiting[msg.id] = fut
+        await self._ws.send_bytes(encode(msg))
+        reply = await fut
+        if isinstance(reply, Error):
+            raise GrooveError(reply.code, reply.message, [[r.first, r.last] for r in reply.missing])
+        return reply
+
+    async def open_session(self, model: str, sampling: Sampling | None = None, *, fingerprint: str = "", wait: float = 0.0) -> SessionInfo:
+        """Open a session; while no complete pipeline exists, retry for up to ``wait`` seconds."""
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                reply = await self._request(OpenSession(model=model, fingerprint=fingerprint, sampling=sampling or Sampling()))
+                break
+            except GrooveError as exc:
+                if exc.code not in (E.NO_PIPELINE, E.UNKNOWN_MODEL) or time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+        assert isinstance(reply, SessionOpened)
+        self._streams[reply.session] = asyncio.Queue()
+        return SessionInfo(reply.session, reply.model, reply.fingerprint, reply.pipeline, [[r.first, r.last] for r in reply.ranges])
+
+    async def generate(self, session: SessionInfo | str, tokens: list[int], max_tokens: int, *, want_logits: bool = False) -> AsyncIterator[Step]:
+        """Append ``tokens`` to the session and yield each generated token as it arrives."""
+        sid = session.id if isinstance(session, SessionInfo) else session
+        queue = self._streams[sid]
+        await self._ws.send_bytes(encode(Generate(session=sid, tokens=list(tokens), max_tokens=max_tokens, want_logits=want_logits)))
+        while True:
+            item = await queue.get()
+            if isinstance(item, GrooveError):
+                raise item
+            yield item
+            if item.finish:
+                return
+
+    async def cancel(self, session: SessionInfo | str) -> None:
+        """Stop the running generation; returns once the relay has stopped feeding it."""
+        sid = session.id if isinstance(session, SessionInfo) else session
+        await self._request(Cancel(session=sid))
+        queue = self._streams.get(sid)
+        while queue is not None and not queue.empty():  # steps that arrived before the cancel
+            queue.get_nowait()
+
+    async def close_session(self, session: SessionInfo | str) -> None:
+        sid = session.id if isinstance(session, SessionInfo) else session
+        self._streams.pop(sid, None)
+        if self._ws is not None and not self._ws.closed:
+            await self._ws.send_bytes(encode(CloseSession(session=sid)))

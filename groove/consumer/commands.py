@@ -1,0 +1,254 @@
+"""``groove generate``, ``groove chat`` and ``groove status``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+
+from ..models import checkpoint
+from ..models.checkpoint import ModelError
+from ..protocol.messages import Sampling
+from .client import Client, GrooveError, SessionInfo
+from .tokenizer import StreamDecoder, load_tokenizer
+
+
+@dataclass
+class Completion:
+    model: str
+    prompt_tokens: int
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = ""
+    ttft_s: float = 0.0
+    tokens_per_s: float = 0.0
+
+    def as_json(self) -> dict:
+        return {
+            "model": self.model,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": len(self.token_ids),
+            "token_ids": self.token_ids,
+            "text": self.text,
+            "finish_reason": self.finish_reason,
+            "ttft_s": round(self.ttft_s, 4),
+            "tokens_per_s": round(self.tokens_per_s, 3),
+        }
+
+
+async def stream_turn(client: Client, session: SessionInfo, tokenizer, prompt_ids: list[int], max_tokens: int, on_text=None) -> Completion:
+    """Run one turn and collect its tokens, streaming text deltas to ``on_text``."""
+    result = Completion(model=session.model, prompt_tokens=len(prompt_ids))
+    decoder = StreamDecoder(tokenizer)
+    t0 = time.perf_counter()
+    t_first = None
+    async for step in client.generate(session, prompt_ids, max_tokens):
+        if step.token is None:
+            result.finish_reason = step.finish
+            break
+        if t_first is None:
+            t_first = time.perf_counter()
+        result.token_ids.append(step.token)
+        delta = decoder.push(step.token)
+        if delta and on_text:
+            on_text(delta)
+        if step.finish:
+            result.finish_reason = step.finish
+    t_end = time.perf_counter()
+    result.text = decoder.text()
+    result.ttft_s = (t_first or t_end) - t0
+    decode_tokens = len(result.token_ids) - 1
+    decode_time = t_end - (t_first or t_end)
+    result.tokens_per_s = decode_tokens / decode_time if decode_tokens > 0 and decode_time > 0 else 0.0
+    return result
+
+
+def sampling_from(args) -> Sampling:
+    return Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+
+
+def check_sampling(args) -> str | None:
+    if args.temperature < 0 or args.temperature > 100:
+        return f"--temperature must be between 0 and 100, got {args.temperature}"
+    if not 0 < args.top_p <= 1:
+        return f"--top-p must be in (0, 1], got {args.top_p}"
+    if args.top_k < 0:
+        return f"--top-k must be 0 (off) or positive, got {args.top_k}"
+    if getattr(args, "max_tokens", 1) < 1:
+        return f"--max-tokens must be at least 1, got {args.max_tokens}"
+    return None
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 1
+
+
+def run_generate(args) -> int:
+    problem = check_sampling(args)
+    if problem:
+        return _fail(problem)
+    if args.prompt_file:
+        try:
+            prompt = open(args.prompt_file, encoding="utf-8").read()
+        except OSError as exc:
+            return _fail(f"cannot read --prompt-file: {exc}")
+    else:
+        prompt = args.prompt
+    try:
+        ref = checkpoint.resolve(args.model, args.model_name)
+        tokenizer = load_tokenizer(ref)
+    except ModelError as exc:
+        return _fail(str(exc))
+    prompt_ids = tokenizer.encode(prompt)
+    if not prompt_ids:
+        return _fail("the prompt is empty")
+
+    async def main() -> Completion:
+        async with Client(args.relay) as client:
+            session = await client.open_session(ref.name, sampling_from(args), wait=args.wait)
+            try:
+                on_text = None if args.json else (lambda t: (sys.stdout.write(t), sys.stdout.flush()))
+                return await stream_turn(client, session, tokenizer, prompt_ids, args.max_tokens, on_text)
+            finally:
+                await client.close_session(session)
+
+    try:
+        result = asyncio.run(main())
+    except GrooveError as exc:
+        return _fail(exc.message)
+    except KeyboardInterrupt:
+        return 130
+    if args.json:
+        print(json.dumps(result.as_json()))
+    else:
+        print()
+        print(f"[{len(result.token_ids)} tokens, {result.tokens_per_s:.1f} tok/s, first token {result.ttft_s * 1000:.0f} ms, "
+              f"finish: {result.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+class Conversation:
+    """Multi-turn state: only the tokens the session has not seen go out each turn."""
+
+    def __init__(self, tokenizer, system: str | None = None):
+        self.tok = tokenizer
+        self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
+        self.sent: list[int] = []  # every token the session holds, prompts and replies
+        self.templated = bool(getattr(tokenizer, "chat_template", None))
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+        if self.templated:
+            return list(self.tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False))
+        text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
+        return self.tok.encode(text + ("Assistant:" if add_generation_prompt else ""))
+
+    def next_input(self, user_text: str) -> list[int]:
+        self.messages.append({"role": "user", "content": user_text})
+        full = self._render(self.messages, add_generation_prompt=True)
+        if full[: len(self.sent)] == self.sent:
+            return full[len(self.sent) :]
+        # The reply tokenizes differently when re-rendered: send the new turn's text alone.
+        before = self._render(self.messages[:-1], add_generation_prompt=False)
+        return full[len(before) :] if full[: len(before)] == before else self._render(self.messages[-1:], add_generation_prompt=True)
+
+    def record(self, sent: list[int], reply: Completion) -> None:
+        self.sent += sent + reply.token_ids
+        self.messages.append({"role": "assistant", "content": reply.text})
+
+
+def run_chat(args) -> int:
+    problem = check_sampling(args)
+    if problem:
+        return _fail(problem)
+    try:
+        ref = checkpoint.resolve(args.model, args.model_name)
+        tokenizer = load_tokenizer(ref)
+    except ModelError as exc:
+        return _fail(str(exc))
+    conv = Conversation(tokenizer, args.system)
+    interactive = sys.stdin.isatty()
+
+    async def main() -> None:
+        async with Client(args.relay) as client:
+            session = await client.open_session(ref.name, sampling_from(args), wait=args.wait)
+            if interactive:
+                print(f"chatting with {ref.name} through {len(session.pipeline)} node(s); Ctrl-D to quit", file=sys.stderr)
+            loop = asyncio.get_running_loop()
+            while True:
+                if interactive:
+                    print("> ", end="", flush=True, file=sys.stderr)
+                line = await loop.run_in_executor(None, sys.stdin.readline)
+                if not line:
+                    break
+                if not line.strip():
+                    continue
+                ids = conv.next_input(line.rstrip("\n"))
+                reply = await stream_turn(client, session, tokenizer, ids, args.max_tokens,
+                                          lambda t: (sys.stdout.write(t), sys.stdout.flush()))
+                conv.record(ids, reply)
+                print(flush=True)
+                print(f"[{len(reply.token_ids)} tokens, {reply.tokens_per_s:.1f} tok/s]", file=sys.stderr)
+            await client.close_session(session)
+
+    try:
+        asyncio.run(main())
+    except GrooveError as exc:
+        return _fail(exc.message)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def fetch_status(relay: str, timeout: float = 5.0) -> dict:
+    import aiohttp
+
+    from ..protocol.address import http_url
+
+    url = http_url(relay, "/status")
+
+    async def get() -> dict:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as http:
+            async with http.get(url) as resp:
+                resp.raise_for_status()
+                return await resp.json()
+
+    try:
+        return asyncio.run(get())
+    except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+        raise GrooveError("unreachable", f"relay {relay} is unreachable: {exc or type(exc).__name__}") from None
+
+
+def run_status(args) -> int:
+    try:
+        status = fetch_status(args.relay)
+    except GrooveError as exc:
+        return _fail(exc.message)
+    if args.json:
+        print(json.dumps(status))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    relay = status.get("relay", {})
+    console.print(f"relay {args.relay}: groove {relay.get('version')}, up {relay.get('uptime_s')} s, {relay.get('sessions')} open sessions")
+    models = Table(title="models")
+    for col in ("model", "fingerprint", "layers", "coverage", "complete"):
+        models.add_column(col)
+    for m in status["models"]:
+        cov = ", ".join(f"{a}-{b}" for a, b in m["coverage"])
+        models.add_row(m["model"], m["fingerprint"], str(m["num_layers"]), cov, "yes" if m["complete"] else "[red]no[/red]")
+    nodes = Table(title="nodes")
+    for col in ("id", "model", "layers", "device", "dtype", "sessions", "tokens", "memory", "heartbeat"):
+        nodes.add_column(col)
+    for n in status["nodes"]:
+        nodes.add_row(n["id"], n["model"], f"{n['layers'][0]}-{n['layers'][1]}", n["device"], n["dtype"], str(n["sessions"]),
+                      str(n["tokens_processed"]), f"{n['rss_bytes'] / 2**20:.0f} MiB", f"{n['last_heartbeat_s']:.1f} s ago")
+    console.print(models)
+    console.print(nodes)
+    if not status["nodes"]:
+        console.print("no nodes are registered")
+    return 0

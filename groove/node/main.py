@@ -1,0 +1,63 @@
+"""``groove node``: load a slice of a checkpoint and serve it to a relay."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+
+from ..models import checkpoint
+from ..models.architectures import check_supported
+from ..models.checkpoint import ModelError
+
+
+def eos_ids(ref: checkpoint.ModelRef, config: dict) -> set[int]:
+    """The ids that end a generation, as transformers' generate() would use them."""
+    gen = checkpoint.hub_file(ref, "generation_config.json", required=False)
+    value = None
+    if gen is not None:
+        value = json.loads(gen.read_text()).get("eos_token_id")
+    if value is None:
+        value = config.get("eos_token_id")
+    if value is None:
+        return set()
+    return set(value) if isinstance(value, list) else {int(value)}
+
+
+def run(args) -> int:
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        ckpt = checkpoint.load(args.model, args.model_name)
+        check_supported(ckpt.config)
+        from .loader import load_slice, parse_layers, pick_device, pick_dtype
+
+        first, last = parse_layers(args.layers, ckpt.num_layers)
+        device = pick_device(args.device)
+        dtype = pick_dtype(args.dtype, device)
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        loaded = load_slice(ckpt, first, last, device, dtype)
+    except ModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from .shard import Shard
+    from .worker import FatalNodeError, NodeWorker
+
+    worker = NodeWorker(
+        Shard(loaded),
+        model=ckpt.ref.name,
+        fingerprint=ckpt.fingerprint(),
+        relay=args.relay,
+        eos_ids=eos_ids(ckpt.ref, ckpt.config),
+        hidden_size=int(ckpt.config["hidden_size"]),
+        vocab_size=int(ckpt.config["vocab_size"]),
+    )
+    try:
+        asyncio.run(worker.run_forever())
+    except FatalNodeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

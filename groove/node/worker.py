@@ -1,0 +1,216 @@
+"""A compute node's network side: connect out to the relay, register, serve steps.
+
+The node dials the relay (so it works behind NAT), reconnecting with exponential backoff
+whenever the link drops. Steps run one at a time on a dedicated compute thread, in arrival
+order, so the event loop stays free for heartbeats and the sessions' caches advance in
+the order the relay routed their steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import aiohttp
+import psutil
+
+from .. import __version__
+from ..protocol import errors as E
+from ..protocol.errors import ProtocolError
+from ..protocol.framing import DEFAULT_MAX_FRAME_BYTES, decode, encode
+from ..protocol.messages import (
+    CloseSession,
+    Error,
+    Forward,
+    Heartbeat,
+    Hello,
+    NodeRegister,
+    PipelineConfig,
+    Range,
+    Registered,
+    Result,
+    Welcome,
+)
+from ..protocol.address import relay_url
+from ..protocol.tensors import from_bytes, to_bytes
+from .sampling import sample
+from .shard import Shard, SessionState
+
+log = logging.getLogger("groove.node")
+
+HEARTBEAT_S = 1.0
+
+
+class FatalNodeError(Exception):
+    """The relay refused this node for good (bad layer range, version): retrying is pointless."""
+
+
+def peak_rss_bytes() -> int:
+    try:
+        import resource
+    except ImportError:  # Windows
+        return int(getattr(psutil.Process().memory_info(), "peak_wset", 0))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+class NodeWorker:
+    def __init__(self, shard: Shard, *, model: str, fingerprint: str, relay: str, eos_ids: set[int], hidden_size: int, vocab_size: int):
+        self.shard = shard
+        self.model = model
+        self.fingerprint = fingerprint
+        self.url = relay_url(relay)
+        self.relay = relay
+        self.eos_ids = eos_ids
+        self.hidden_size = hidden_size
+        self.vocab_size = vocab_size
+        self.sessions: dict[str, SessionState] = {}
+        self.tokens_processed = 0
+        self.node_id = ""
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="groove-compute")
+        self.proc = psutil.Process(os.getpid())
+
+    # --- connection -------------------------------------------------------------------
+
+    async def run_forever(self) -> None:
+        delay = 0.5
+        first = True
+        async with aiohttp.ClientSession() as http:
+            while True:
+                try:
+                    async with http.ws_connect(self.url, max_msg_size=DEFAULT_MAX_FRAME_BYTES, heartbeat=5.0) as ws:
+                        delay = 0.5
+                        await self._serve(ws, first)
+                        first = False
+                    reason = "connection closed"
+                except FatalNodeError:
+                    raise
+                except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+                    reason = _short(exc)
+                if self.sessions:
+                    log.warning("dropping %d sessions after losing the relay", len(self.sessions))
+                    self.sessions.clear()
+                print(f"relay {self.relay} unreachable ({reason}); retrying in {delay:.1f}s", file=sys.stderr, flush=True)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    async def _serve(self, ws: aiohttp.ClientWebSocketResponse, first: bool) -> None:
+        await ws.send_bytes(encode(Hello(role="node", software=f"groove {__version__}")))
+        await self._expect(ws, Welcome)
+        s = self.shard.s
+        await ws.send_bytes(encode(NodeRegister(
+            model=self.model, fingerprint=self.fingerprint, num_layers=s.num_layers, layers=Range(s.first, s.last),
+            device=str(s.device), dtype=_dtype_str(s.dtype), hidden_size=self.hidden_size,
+            vocab_size=self.vocab_size, load_s=s.load_s, rss_bytes=self.proc.memory_info().rss,
+            peak_rss_bytes=peak_rss_bytes())))
+        reg = await self._expect(ws, Registered)
+        self.node_id = reg.node_id
+        rss = self.proc.memory_info().rss / 2**20
+        print(f"registered as {self.node_id} with relay {self.relay}: {self.model} layers {s.first}-{s.last} "
+              f"on {s.device} ({_dtype_str(s.dtype)}), loaded in {s.load_s:.2f}s, resident memory {rss:.0f} MiB",
+              flush=True)
+        jobs: asyncio.Queue = asyncio.Queue()
+        tasks = [asyncio.create_task(self._compute_loop(ws, jobs)), asyncio.create_task(self._heartbeat_loop(ws))]
+        try:
+            async for msg in ws:
+                if msg.type != aiohttp.WSMsgType.BINARY:
+                    continue
+                await self._on_frame(ws, msg.data, jobs)
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    async def _expect(self, ws, kind):
+        msg = await ws.receive(timeout=30)
+        if msg.type != aiohttp.WSMsgType.BINARY:
+            raise aiohttp.ClientError(f"relay closed the connection during the handshake ({msg.type.name})")
+        header, _ = decode(msg.data)
+        if isinstance(header, Error):
+            if header.fatal or header.code in (E.REJECTED, E.BAD_VERSION):
+                raise FatalNodeError(f"relay refused this node: {header.message}")
+            raise aiohttp.ClientError(f"relay error: {header.message}")
+        if not isinstance(header, kind):
+            raise aiohttp.ClientError(f"unexpected {type(header).__name__} during the handshake")
+        return header
+
+    # --- frames -----------------------------------------------------------------------
+
+    async def _on_frame(self, ws, frame: bytes, jobs: asyncio.Queue) -> None:
+        try:
+            msg, payload = decode(frame)
+        except ProtocolError as exc:
+            log.warning("bad frame from relay: %s", exc.message)
+            return
+        if isinstance(msg, PipelineConfig):
+            self.sessions[msg.session] = self.shard.new_session(msg.sampling)
+        elif isinstance(msg, Forward):
+            await jobs.put((msg, payload))
+        elif isinstance(msg, CloseSession):
+            # Queued steps of a closed session are skipped when they come up.
+            self.sessions.pop(msg.session, None)
+        elif isinstance(msg, Error):
+            log.warning("relay error %s: %s", msg.code, msg.message)
+
+    async def _compute_loop(self, ws, jobs: asyncio.Queue) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            msg, payload = await jobs.get()
+            state = self.sessions.get(msg.session)
+            if state is None:
+                continue
+            try:
+                frame = await loop.run_in_executor(self.pool, self._step, msg, payload, state)
+            except Exception as exc:  # any failure of a step must reach the consumer, not kill the node
+                log.exception("step failed for session %s", msg.session)
+                self.sessions.pop(msg.session, None)
+                frame = encode(Error(session=msg.session, seq=msg.seq, src=self.node_id, code=E.NODE_FAILED, message=f"{type(exc).__name__}: {exc}"))
+            await ws.send_bytes(frame)
+
+    def _step(self, msg: Forward, payload: memoryview, state: SessionState) -> bytes:
+        shard = self.shard
+        if shard.is_first:
+            if msg.tokens is None or len(msg.tokens) != msg.count:
+                raise ProtocolError(E.BAD_REQUEST, "the first node needs token ids")
+            out = shard.step(state, msg.start, tokens=msg.tokens)
+        else:
+            if msg.shape[-1:] != [self.hidden_size] or len(msg.shape) != 3 or msg.shape[1] != msg.count:
+                raise ProtocolError(E.BAD_PAYLOAD, f"hidden states of shape {msg.shape} do not match [1, {msg.count}, {self.hidden_size}]")
+            out = shard.step(state, msg.start, hidden=from_bytes(payload, msg.dtype, msg.shape))
+        self.tokens_processed += msg.count
+        state.last_used = time.monotonic()
+        if not shard.is_last:
+            dtype, shape, raw = to_bytes(out)
+            nxt = Forward(session=msg.session, seq=msg.seq, src=self.node_id, start=msg.start, count=msg.count,
+                          dtype=dtype, shape=shape, remaining=msg.remaining, want_logits=msg.want_logits)
+            return encode(nxt, raw)
+        token = sample(out, state.sampling, state.generator)
+        finish = "stop" if token in self.eos_ids else ("length" if msg.remaining <= 1 else "")
+        if msg.want_logits:
+            dtype, shape, raw = to_bytes(out)
+            return encode(Result(session=msg.session, seq=msg.seq, src=self.node_id, token=token, finish=finish, dtype=dtype, shape=shape), raw)
+        return encode(Result(session=msg.session, seq=msg.seq, src=self.node_id, token=token, finish=finish))
+
+    async def _heartbeat_loop(self, ws) -> None:
+        last_sent = None
+        last_time = 0.0
+        while True:
+            await asyncio.sleep(0.25)
+            state = (len(self.sessions), self.tokens_processed)
+            # Report promptly after work, and at least every HEARTBEAT_S while idle.
+            if state != last_sent or time.monotonic() - last_time >= HEARTBEAT_S:
+                await ws.send_bytes(encode(Heartbeat(src=self.node_id, sessions=state[0], tokens_processed=state[1],
+                                                     rss_bytes=self.proc.memory_info().rss, peak_rss_bytes=peak_rss_bytes())))
+                last_sent, last_time = state, time.monotonic()
+
+
+def _dtype_str(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text.splitlines()[0][:200]

@@ -1,0 +1,310 @@
+"""The relay's logic, Sans-I/O: frames in, frames out, no sockets.
+
+``Relay.receive(conn, frame)`` returns the frames to send and to which connection. The
+server (``server.py``) only moves bytes. The path of one generated token reads top to
+bottom: the last node's RESULT is passed to the consumer unchanged, and its token goes
+straight back to the first node as the next FORWARD, without a round trip to the consumer.
+Hidden-state FORWARDs between nodes are passed on as the same bytes: the relay reads the
+header only and never touches a tensor.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+
+from .. import __version__
+from ..protocol import errors as E
+from ..protocol.errors import ProtocolError
+from ..protocol.framing import DEFAULT_MAX_FRAME_BYTES, decode, encode
+from ..protocol.messages import (
+    CloseSession,
+    Error,
+    Forward,
+    Generate,
+    Heartbeat,
+    Hello,
+    Message,
+    NodeRegister,
+    OpenSession,
+    PipelineConfig,
+    Range,
+    Registered,
+    Result,
+    SessionOpened,
+    Welcome,
+    Cancel,
+)
+from .planner import coverage, explain_gap, plan
+from .registry import NodeInfo, Registry
+from .sessions import Session, SessionTable, Turn
+
+log = logging.getLogger("groove.relay")
+
+MAX_NEW_TOKENS = 1 << 16
+
+
+@dataclass
+class Send:
+    conn: str
+    frame: bytes
+
+
+@dataclass
+class Peer:
+    conn: str
+    role: str = ""  # "" until HELLO, then "node" or "consumer"
+    id: str = ""
+
+
+class Relay:
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME_BYTES, max_sessions_per_consumer: int = 64) -> None:
+        self.registry = Registry()
+        self.sessions = SessionTable()
+        self.peers: dict[str, Peer] = {}
+        self.max_frame = max_frame
+        self.max_sessions_per_consumer = max_sessions_per_consumer
+        self.started = time.time()
+
+    # --- connections ------------------------------------------------------------------
+
+    def connect(self, conn: str) -> None:
+        self.peers[conn] = Peer(conn)
+
+    def disconnect(self, conn: str) -> list[Send]:
+        peer = self.peers.pop(conn, None)
+        out: list[Send] = []
+        if peer is None:
+            return out
+        if peer.role == "consumer":
+            for s in self.sessions.of_consumer(conn):
+                out += self._close_session(s)
+        elif peer.role == "node":
+            node = self.registry.remove(peer.id)
+            if node is not None:
+                log.info("node %s (%s layers %d-%d) disconnected", node.id, node.model, node.first, node.last)
+                for s in self.sessions.using_node(node.id):
+                    out.append(self._error(s.consumer, E.NODE_LOST, f"node {node.id} serving layers {node.first}-{node.last} of {node.model} disconnected", session=s.id, missing=[Range(node.first, node.last)]))
+                    out += self._close_session(s, skip=node.id)
+        return out
+
+    # --- frames -----------------------------------------------------------------------
+
+    def receive(self, conn: str, frame: bytes) -> list[Send]:
+        peer = self.peers.get(conn)
+        if peer is None:
+            return []
+        try:
+            msg, payload = decode(frame, self.max_frame)
+        except ProtocolError as exc:
+            return [self._error(conn, exc.code, exc.message)]
+        handler = self._handler(peer, msg)
+        if handler is None:
+            role = peer.role or "an unidentified peer (send hello first)"
+            return [self._error(conn, E.BAD_REQUEST, f"message type {type(msg).__name__.lower()} is not accepted from {role}", ref=msg.id, session=msg.session)]
+        try:
+            return handler(peer, msg, frame, payload)
+        except ProtocolError as exc:
+            return [self._error(conn, exc.code, exc.message, ref=msg.id, session=msg.session)]
+
+    def _handler(self, peer: Peer, msg: Message):
+        table = {
+            "": {Hello: self._on_hello},
+            "node": {NodeRegister: self._on_register, Heartbeat: self._on_heartbeat, Forward: self._on_forward, Result: self._on_result, Error: self._on_node_error},
+            "consumer": {OpenSession: self._on_open, Generate: self._on_generate, Cancel: self._on_cancel, CloseSession: self._on_close},
+        }
+        return table[peer.role].get(type(msg))
+
+    def _on_hello(self, peer: Peer, msg: Hello, frame, payload) -> list[Send]:
+        peer.role = msg.role
+        peer.id = ("n-" if msg.role == "node" else "c-") + secrets.token_hex(4)
+        return [Send(peer.conn, encode(Welcome(id=msg.id, peer_id=peer.id, relay_software=f"groove {__version__}")))]
+
+    def _on_register(self, peer: Peer, msg: NodeRegister, frame, payload) -> list[Send]:
+        if self.registry.nodes.get(peer.id):
+            raise ProtocolError(E.BAD_REQUEST, "this connection has already registered a node")
+        first, last = msg.layers.first, msg.layers.last
+        if not (0 <= first <= last < msg.num_layers):
+            return [self._error(peer.conn, E.REJECTED, f"layer range {first}-{last} is outside a model of {msg.num_layers} layers", ref=msg.id, fatal=True)]
+        for other in self.registry.serving(msg.model):
+            if other.fingerprint != msg.fingerprint:
+                log.warning("node %s serves %s with fingerprint %s, unlike node %s (%s): they will never share a pipeline",
+                            peer.id, msg.model, msg.fingerprint, other.id, other.fingerprint)
+                break
+        node = NodeInfo(
+            id=peer.id, conn=peer.conn, model=msg.model, fingerprint=msg.fingerprint, num_layers=msg.num_layers,
+            first=first, last=last, device=msg.device, dtype=msg.dtype, hidden_size=msg.hidden_size,
+            vocab_size=msg.vocab_size, load_s=msg.load_s, rss_bytes=msg.rss_bytes, peak_rss_bytes=msg.peak_rss_bytes,
+        )
+        self.registry.add(node)
+        log.info("node %s registered: %s layers %d-%d on %s/%s", node.id, node.model, first, last, node.device, node.dtype)
+        return [Send(peer.conn, encode(Registered(id=msg.id, node_id=node.id)))]
+
+    def _on_heartbeat(self, peer: Peer, msg: Heartbeat, frame, payload) -> list[Send]:
+        node = self.registry.nodes.get(peer.id)
+        if node is not None:
+            node.last_seen = time.monotonic()
+            node.tokens_processed = msg.tokens_processed
+            node.rss_bytes, node.peak_rss_bytes = msg.rss_bytes, msg.peak_rss_bytes
+        return []
+
+    # --- sessions ---------------------------------------------------------------------
+
+    def _on_open(self, peer: Peer, msg: OpenSession, frame, payload) -> list[Send]:
+        if len(self.sessions.of_consumer(peer.conn)) >= self.max_sessions_per_consumer:
+            raise ProtocolError(E.BUSY, f"this connection already has {self.max_sessions_per_consumer} open sessions")
+        s = msg.sampling
+        if not (0 <= s.temperature <= 100 and 0 <= s.top_p <= 1 and s.top_k >= 0):
+            raise ProtocolError(E.BAD_REQUEST, f"sampling parameters out of range: temperature {s.temperature}, top_p {s.top_p}, top_k {s.top_k}")
+        candidates = self.registry.serving(msg.model, msg.fingerprint or None)
+        if not candidates:
+            served = sorted({n.model for n in self.registry.nodes.values()})
+            detail = f"fingerprint {msg.fingerprint} of " if msg.fingerprint and self.registry.serving(msg.model) else ""
+            raise ProtocolError(E.UNKNOWN_MODEL, f"no node serves {detail}model {msg.model!r} (served: {', '.join(served) or 'none'})")
+        groups: dict[str, list[NodeInfo]] = {}
+        for n in candidates:
+            groups.setdefault(n.fingerprint, []).append(n)
+        chain, reasons = None, []
+        for fp, nodes in groups.items():
+            chain = plan(nodes, nodes[0].num_layers)
+            if chain:
+                break
+            reasons.append(explain_gap(nodes, nodes[0].num_layers))
+        if chain is None:
+            text, missing = reasons[0]
+            return [self._error(peer.conn, E.NO_PIPELINE, f"no complete pipeline for {msg.model}: {text}", ref=msg.id, missing=[Range(a, b) for a, b in missing])]
+        sid = self.sessions.new_id()
+        head = chain[0]
+        session = Session(id=sid, consumer=peer.conn, model=msg.model, fingerprint=head.fingerprint,
+                          chain=[n.id for n in chain], vocab_size=chain[-1].vocab_size)
+        self.sessions.add(session)
+        out = []
+        for i, node in enumerate(chain):
+            node.sessions.add(sid)
+            out.append(Send(node.conn, encode(PipelineConfig(session=sid, position=i, length=len(chain), sampling=msg.sampling))))
+        out.append(Send(peer.conn, encode(SessionOpened(
+            id=msg.id, session=sid, model=msg.model, fingerprint=head.fingerprint,
+            pipeline=[n.id for n in chain], ranges=[Range(n.first, n.last) for n in chain]))))
+        return out
+
+    def _own_session(self, peer: Peer, msg) -> Session:
+        s = self.sessions.get(msg.session)
+        if s is None or s.consumer != peer.conn:
+            raise ProtocolError(E.UNKNOWN_SESSION, f"no session {msg.session!r} on this connection")
+        return s
+
+    def _on_generate(self, peer: Peer, msg: Generate, frame, payload) -> list[Send]:
+        s = self._own_session(peer, msg)
+        if s.turn is not None:
+            raise ProtocolError(E.BUSY, "a generation is already running in this session; cancel it first")
+        if not 1 <= msg.max_tokens <= MAX_NEW_TOKENS:
+            raise ProtocolError(E.BAD_REQUEST, f"max_tokens must be between 1 and {MAX_NEW_TOKENS}, got {msg.max_tokens}")
+        bad = [t for t in msg.tokens if not 0 <= t < s.vocab_size]
+        if bad:
+            raise ProtocolError(E.BAD_REQUEST, f"token ids {bad[:5]} are outside the vocabulary of {s.vocab_size}")
+        s.tokens.extend(msg.tokens)
+        if s.processed == len(s.tokens):
+            raise ProtocolError(E.BAD_REQUEST, "nothing to process: send at least one token")
+        s.turn = Turn(step=s.take_seq(), max_tokens=msg.max_tokens, want_logits=msg.want_logits)
+        s.last_used = time.monotonic()
+        return [self._feed(s)]
+
+    def _feed(self, s: Session) -> Send:
+        """Send every token not yet in the caches to the first node, as step ``turn.step``."""
+        pending = s.tokens[s.processed :]
+        fwd = Forward(session=s.id, seq=s.turn.step, start=s.processed, count=len(pending), tokens=pending,
+                      remaining=s.turn.max_tokens - s.turn.generated, want_logits=s.turn.want_logits)
+        s.processed = len(s.tokens)
+        return Send(self.registry.nodes[s.chain[0]].conn, encode(fwd))
+
+    def _position(self, peer: Peer, msg) -> tuple[Session, int] | None:
+        s = self.sessions.get(msg.session)
+        if s is None or peer.id not in s.chain:
+            return None  # closed while the step was in flight
+        return s, s.chain.index(peer.id)
+
+    def _on_forward(self, peer: Peer, msg: Forward, frame, payload) -> list[Send]:
+        # Every step must reach every node, stale or not, or the caches fall out of step.
+        found = self._position(peer, msg)
+        if found is None:
+            return []
+        s, i = found
+        if i + 1 >= len(s.chain):
+            raise ProtocolError(E.BAD_REQUEST, "the last node of a chain sends results, not forwards")
+        return [Send(self.registry.nodes[s.chain[i + 1]].conn, frame)]
+
+    def _on_result(self, peer: Peer, msg: Result, frame, payload) -> list[Send]:
+        found = self._position(peer, msg)
+        if found is None:
+            return []
+        s, i = found
+        if i != len(s.chain) - 1:
+            raise ProtocolError(E.BAD_REQUEST, "only the last node of a chain sends results")
+        turn = s.turn
+        if turn is None or msg.seq != turn.step or msg.token is None:
+            return []  # the step of a cancelled turn: its token was never shown to anyone
+        out = [Send(s.consumer, frame)]
+        s.tokens.append(msg.token)
+        turn.generated += 1
+        s.last_used = time.monotonic()
+        if msg.finish:
+            s.turn = None
+        else:
+            turn.step = s.take_seq()
+            out.append(self._feed(s))
+        return out
+
+    def _on_cancel(self, peer: Peer, msg: Cancel, frame, payload) -> list[Send]:
+        s = self._own_session(peer, msg)
+        s.turn = None
+        return [Send(peer.conn, encode(Result(id=msg.id, session=s.id, token=None, finish="cancelled")))]
+
+    def _on_close(self, peer: Peer, msg: CloseSession, frame, payload) -> list[Send]:
+        return self._close_session(self._own_session(peer, msg))
+
+    def _on_node_error(self, peer: Peer, msg: Error, frame, payload) -> list[Send]:
+        found = self._position(peer, msg)
+        if found is None:
+            log.warning("node %s reported %s: %s", peer.id, msg.code, msg.message)
+            return []
+        s, _ = found
+        out = [self._error(s.consumer, E.NODE_FAILED, f"node {peer.id} failed: {msg.message}", session=s.id)]
+        return out + self._close_session(s)
+
+    def _close_session(self, s: Session, skip: str | None = None) -> list[Send]:
+        self.sessions.remove(s.id)
+        out = []
+        for node_id in s.chain:
+            node = self.registry.nodes.get(node_id)
+            if node is None:
+                continue
+            node.sessions.discard(s.id)
+            if node_id != skip:
+                out.append(Send(node.conn, encode(CloseSession(session=s.id))))
+        return out
+
+    # --- helpers ----------------------------------------------------------------------
+
+    @staticmethod
+    def _error(conn: str, code: str, message: str, *, ref: int = 0, session: str = "", missing=(), fatal: bool = False) -> Send:
+        return Send(conn, encode(Error(id=ref, session=session, code=code, message=message, missing=list(missing), fatal=fatal)))
+
+    def status(self) -> dict:
+        models = []
+        for (name, fp), nodes in sorted(self.registry.groups().items()):
+            num_layers = nodes[0].num_layers
+            models.append({
+                "model": name,
+                "fingerprint": fp,
+                "num_layers": num_layers,
+                "coverage": coverage(nodes),
+                "complete": plan(nodes, num_layers) is not None,
+                "nodes": len(nodes),
+            })
+        return {
+            "relay": {"version": __version__, "uptime_s": round(time.time() - self.started, 1), "sessions": len(self.sessions.sessions)},
+            "models": models,
+            "nodes": [n.as_status() for n in sorted(self.registry.nodes.values(), key=lambda n: (n.model, n.first, n.id))],
+        }
