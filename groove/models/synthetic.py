@@ -80,7 +80,9 @@ def build_checkpoint(
     """
     import torch
     import transformers
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if tokenizer:
