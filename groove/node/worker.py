@@ -161,6 +161,10 @@ class NodeWorker:
             msg, payload = await jobs.get()
             state = self.sessions.get(msg.session)
             if state is None:
+                # Closed sessions' queued steps end here; the relay ignores the error for
+                # those, and for any other it tells the consumer instead of leaving it waiting.
+                await ws.send_bytes(encode(Error(session=msg.session, seq=msg.seq, src=self.node_id, code=E.UNKNOWN_SESSION,
+                                                 message=f"node {self.node_id} holds no session {msg.session}")))
                 continue
             try:
                 frame = await loop.run_in_executor(self.pool, self._step, msg, payload, state)

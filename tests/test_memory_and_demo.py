@@ -1,0 +1,104 @@
+"""Selective loading keeps a node's memory to its slice; the demo runs and cleans up."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from groove.launch import LocalCluster
+
+from .conftest import run_async
+from .test_pipeline import generate, status
+
+
+@pytest.fixture(scope="module")
+def big_sharded_model(tmp_path_factory):
+    """A ~430 MB float32 Llama in 100 MB shards: big enough for the slice to show in RSS."""
+    from groove.models.synthetic import build_checkpoint
+
+    path = tmp_path_factory.mktemp("big") / "big-llama"
+    build_checkpoint(path, "llama", vocab_size=8192, hidden_size=1024, intermediate_size=2816, num_layers=8,
+                     num_heads=16, num_kv_heads=16, max_shard_size="100MB", initializer_range=0.02)
+    assert (path / "model.safetensors.index.json").is_file()
+    return path
+
+
+def full_model_peak_rss(path) -> int:
+    code = (
+        "import resource, torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(path)!r}, dtype=torch.float32)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="peak RSS via getrusage in KiB is Linux's convention")
+def test_half_a_model_costs_half_the_memory(big_sharded_model):
+    from groove.models import checkpoint
+
+    total = sum(t.nbytes for t in checkpoint.load(str(big_sharded_model)).tensors.values())
+    full = full_model_peak_rss(big_sharded_model)
+    with LocalCluster(big_sharded_model, [(0, 3), (4, 7)]) as cluster:
+        # Weights are memory-mapped from the checkpoint: generate once so every page of
+        # the slice is touched and counted, then read the peaks the nodes report.
+        steps = run_async(generate(cluster.address, "big-llama", [1, 2, 3, 4], 2))
+        assert len(steps) == 2
+        time.sleep(1.5)
+        nodes = status(cluster.address)["nodes"]
+    peaks = [n["peak_rss_bytes"] for n in nodes]
+    mib = 2**20
+    report = f"model {total / mib:.0f} MiB, full load peak {full / mib:.0f} MiB, node peaks {[p // mib for p in peaks]} MiB"
+    # Each node holds half the layers: its peak must sit well under a whole-model load,
+    # by at least a third of the model's size.
+    for peak in peaks:
+        assert peak < full - total / 3, report
+
+
+def _descendants_alive(pids) -> list[int]:
+    return [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+
+
+def test_demo_runs_matches_transformers_and_leaves_nothing_behind(tmp_path):
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, "-m", "groove", "demo", "--max-tokens", "16"], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "relay: ws://127.0.0.1:" in out and out.count("node n-") == 2 and "layers 0-" in out
+    assert "prompt:" in out and "tokens/s" in out
+    assert "equal a single-process transformers run" in out and ": yes" in out
+    pids = [int(line.split("pid ")[1].split()[0].rstrip(",)")) for line in out.splitlines() if "pid " in line]
+    assert len(pids) == 3
+    assert not _descendants_alive(pids)
+
+
+def test_demo_ctrl_c_stops_everything(tmp_path):
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), PYTHONUNBUFFERED="1")
+    demo = subprocess.Popen([sys.executable, "-m", "groove", "demo", "--max-tokens", "20000"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    lines = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = demo.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith("output:"):
+            break
+    children = [p.pid for p in psutil.Process(demo.pid).children(recursive=True)]
+    assert len(children) >= 3, lines
+    os.killpg(demo.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole group
+    demo.communicate(timeout=60)
+    assert demo.returncode != 0
+    deadline = time.monotonic() + 15
+    while _descendants_alive(children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _descendants_alive(children)
