@@ -261,3 +261,13 @@ def test_setup_sh_info_and_status_flags(model_paths, two_nodes):
     assert status.returncode == 0 and "0-2" in status.stdout
     bad = subprocess.run(["bash", str(ROOT / "setup.sh"), "--frobnicate"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "unknown flag" in bad.stderr
+
+
+def test_consumer_with_another_checkpoint_of_the_same_name_is_refused(two_nodes, models_dir):
+    from groove.models.synthetic import build_checkpoint
+
+    other = build_checkpoint(models_dir / "elsewhere" / "llama", "llama", num_layers=6, hidden_size=32, seed=9)
+    proc = groove_cli("generate", "--relay", two_nodes.address, "--model", str(other), "--prompt", "hi", "--wait", "0")
+    assert proc.returncode != 0
+    assert "fingerprint" in proc.stderr and "'llama'" in proc.stderr, proc.stderr
+    no_traceback(proc)

@@ -81,6 +81,17 @@ def check_sampling(args) -> str | None:
     return None
 
 
+def local_fingerprint(ref) -> str:
+    """The checkpoint's fingerprint when the weights are on this machine (headers only), so
+    the relay pairs this consumer's tokenizer with exactly that checkpoint; '' otherwise."""
+    if not ref.is_local:
+        return ""
+    try:
+        return checkpoint.Checkpoint(ref, checkpoint.read_config(ref), checkpoint.read_tensor_index(ref)).fingerprint()
+    except ModelError:
+        return ""
+
+
 def _fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return 1
@@ -108,7 +119,7 @@ def run_generate(args) -> int:
 
     async def main() -> Completion:
         async with Client(args.relay) as client:
-            session = await client.open_session(ref.name, sampling_from(args), wait=args.wait)
+            session = await client.open_session(ref.name, sampling_from(args), fingerprint=local_fingerprint(ref), wait=args.wait)
             try:
                 on_text = None if args.json else (lambda t: (sys.stdout.write(t), sys.stdout.flush()))
                 return await stream_turn(client, session, tokenizer, prompt_ids, args.max_tokens, on_text)
@@ -173,7 +184,7 @@ def run_chat(args) -> int:
 
     async def main() -> None:
         async with Client(args.relay) as client:
-            session = await client.open_session(ref.name, sampling_from(args), wait=args.wait)
+            session = await client.open_session(ref.name, sampling_from(args), fingerprint=local_fingerprint(ref), wait=args.wait)
             if interactive:
                 print(f"chatting with {ref.name} through {len(session.pipeline)} node(s); Ctrl-D to quit", file=sys.stderr)
             loop = asyncio.get_running_loop()
