@@ -67,6 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("bench", help="measure a local pipeline against single-process transformers")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="local checkpoint directory or hub id")
+    src.add_argument("--synthetic", help="a random checkpoint with a known model's shape: qwen2.5-0.5b, qwen2.5-1.5b, llama-3.2-1b, tiny")
+    p.add_argument("--nodes", type=int, default=2)
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--node-arg", action="append", default=[], help="extra argument for every node (repeatable)")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("demo", help="relay + 2 nodes + a generation on a small built-in model")
     p.add_argument("--prompt", default=None)
     p.add_argument("--max-tokens", type=int, default=48)
@@ -107,6 +119,8 @@ def _dispatch(args) -> int:
         return run_status(args)
     if args.command == "info":
         return _info(args)
+    if args.command == "bench":
+        return _bench(args)
     if args.command == "demo":
         from .demo import run
 
@@ -164,4 +178,40 @@ def _info(args) -> int:
             mibs.append(f"{total / mib:.1f}")
         table.add_row(n, "  ".join(f"{a}-{b}" for a, b in ranges), "  ".join(mibs))
     console.print(table)
+    return 0
+
+
+def _bench(args) -> int:
+    import json
+    from pathlib import Path
+
+    from .bench import harness
+    from .bench.shapes import SHAPES, synthetic_checkpoint
+    from .models.checkpoint import ModelError, resolve
+
+    if args.nodes < 1 or args.new_tokens < 2 or args.prompt_tokens < 1 or args.repeat < 1:
+        print("error: --nodes, --prompt-tokens and --repeat must be at least 1 and --new-tokens at least 2", file=sys.stderr)
+        return 2
+    try:
+        if args.synthetic:
+            if args.synthetic not in SHAPES:
+                print(f"error: unknown --synthetic {args.synthetic!r}; choose from {', '.join(SHAPES)}", file=sys.stderr)
+                return 2
+            model = synthetic_checkpoint(args.synthetic, args.dtype)
+        else:
+            ref = resolve(args.model)
+            if ref.local_dir is None:
+                print("error: groove bench needs a local checkpoint directory", file=sys.stderr)
+                return 2
+            model = Path(ref.local_dir)
+        workload = harness.Workload(model=model, nodes=args.nodes, dtype=args.dtype, prompt_tokens=args.prompt_tokens,
+                                    new_tokens=args.new_tokens, repeat=args.repeat, node_args=args.node_arg)
+        result = harness.run(workload)
+    except (ModelError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result))
+    else:
+        harness.render(result)
     return 0

@@ -4,7 +4,6 @@ them, and the proof that it equals a single-process transformers run."""
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 import time
 from pathlib import Path
@@ -12,20 +11,13 @@ from pathlib import Path
 DEFAULT_PROMPT = "The meaning of life is"
 
 
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or (Path.home() / ".cache")
-    return Path(base) / "groove"
+DEMO_MODEL = Path(__file__).resolve().parent / "assets" / "demo-model"
 
 
 def default_demo_model() -> Path:
-    """The built-in demo checkpoint: a small Llama built (once) into the user's cache."""
-    path = cache_dir() / "demo-llama-random"
-    if not (path / "model.safetensors").is_file():
-        from .models.synthetic import build_checkpoint
-
-        print(f"building the demo checkpoint in {path} (first run only)", flush=True)
-        build_checkpoint(path, "llama", vocab_size=512, hidden_size=128, num_layers=6, num_heads=4, num_kv_heads=2)
-    return path
+    """The built-in demo checkpoint: a small Llama trained on Python's own documentation
+    by ``scripts/train_demo_model.py``, shipped inside the package."""
+    return DEMO_MODEL
 
 
 def reference_tokens(model: Path, prompt_ids: list[int], max_tokens: int) -> list[int]:

@@ -13,7 +13,7 @@ import pytest
 
 from groove.launch import LocalCluster
 
-from .conftest import run_async
+from .conftest import ROOT, run_async
 from .test_pipeline import generate, status
 
 
@@ -102,3 +102,30 @@ def test_demo_ctrl_c_stops_everything(tmp_path):
     while _descendants_alive(children) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not _descendants_alive(children)
+
+
+def test_the_built_in_demo_model_is_trained():
+    """The shipped checkpoint predicts held-out Python documentation far better than chance."""
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from groove.demo import default_demo_model
+    from groove.models import checkpoint
+
+    path = default_demo_model()
+    ckpt = checkpoint.load(str(path))
+    assert ckpt.config["model_type"] == "llama" and ckpt.num_layers >= 4
+    assert sum(f.stat().st_size for f in path.iterdir()) < 8 * 2**20
+    tok = PreTrainedTokenizerFast.from_pretrained(str(path))
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from train_demo_model import corpus
+
+    ids = tok.encode(corpus())
+    held_out = torch.tensor([ids[-1024:]])  # the end of the validation split
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    with torch.inference_mode():
+        loss = model(held_out, labels=held_out).loss.item()
+    assert loss < 4.5, loss  # chance is ln(2048) = 7.6
+    assert loss < math.log(len(tok)) - 3

@@ -149,11 +149,12 @@ class Client:
         self._streams[reply.session] = asyncio.Queue()
         return SessionInfo(reply.session, reply.model, reply.fingerprint, reply.pipeline, [[r.first, r.last] for r in reply.ranges])
 
-    async def generate(self, session: SessionInfo | str, tokens: list[int], max_tokens: int, *, want_logits: bool = False) -> AsyncIterator[Step]:
+    async def generate(self, session: SessionInfo | str, tokens: list[int], max_tokens: int, *, want_logits: bool = False,
+                       ignore_eos: bool = False) -> AsyncIterator[Step]:
         """Append ``tokens`` to the session and yield each generated token as it arrives."""
         sid = session.id if isinstance(session, SessionInfo) else session
         queue = self._streams[sid]
-        await self._ws.send_bytes(encode(Generate(session=sid, tokens=list(tokens), max_tokens=max_tokens, want_logits=want_logits)))
+        await self._ws.send_bytes(encode(Generate(session=sid, tokens=list(tokens), max_tokens=max_tokens, want_logits=want_logits, ignore_eos=ignore_eos)))
         while True:
             item = await queue.get()
             if isinstance(item, GrooveError):

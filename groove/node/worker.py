@@ -70,6 +70,7 @@ class NodeWorker:
         self.vocab_size = vocab_size
         self.sessions: dict[str, SessionState] = {}
         self.tokens_processed = 0
+        self.compute_s = 0.0
         self.node_id = ""
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="groove-compute")
         self.proc = psutil.Process(os.getpid())
@@ -167,7 +168,9 @@ class NodeWorker:
                                                  message=f"node {self.node_id} holds no session {msg.session}")))
                 continue
             try:
+                t0 = time.perf_counter()
                 frame = await loop.run_in_executor(self.pool, self._step, msg, payload, state)
+                self.compute_s += time.perf_counter() - t0
             except Exception as exc:  # any failure of a step must reach the consumer, not kill the node
                 log.exception("step failed for session %s", msg.session)
                 self.sessions.pop(msg.session, None)
@@ -189,10 +192,11 @@ class NodeWorker:
         if not shard.is_last:
             dtype, shape, raw = to_bytes(out)
             nxt = Forward(session=msg.session, seq=msg.seq, src=self.node_id, start=msg.start, count=msg.count,
-                          dtype=dtype, shape=shape, remaining=msg.remaining, want_logits=msg.want_logits)
+                          dtype=dtype, shape=shape, remaining=msg.remaining, want_logits=msg.want_logits,
+                          ignore_eos=msg.ignore_eos)
             return encode(nxt, raw)
         token = sample(out, state.sampling, state.generator)
-        finish = "stop" if token in self.eos_ids else ("length" if msg.remaining <= 1 else "")
+        finish = "stop" if token in self.eos_ids and not msg.ignore_eos else ("length" if msg.remaining <= 1 else "")
         if msg.want_logits:
             dtype, shape, raw = to_bytes(out)
             return encode(Result(session=msg.session, seq=msg.seq, src=self.node_id, token=token, finish=finish, dtype=dtype, shape=shape), raw)
@@ -203,10 +207,10 @@ class NodeWorker:
         last_time = 0.0
         while True:
             await asyncio.sleep(0.25)
-            state = (len(self.sessions), self.tokens_processed)
+            state = (len(self.sessions), self.tokens_processed, self.compute_s)
             # Report promptly after work, and at least every HEARTBEAT_S while idle.
             if state != last_sent or time.monotonic() - last_time >= HEARTBEAT_S:
-                await ws.send_bytes(encode(Heartbeat(src=self.node_id, sessions=state[0], tokens_processed=state[1],
+                await ws.send_bytes(encode(Heartbeat(src=self.node_id, sessions=state[0], tokens_processed=state[1], compute_s=state[2],
                                                      rss_bytes=self.proc.memory_info().rss, peak_rss_bytes=peak_rss_bytes())))
                 last_sent, last_time = state, time.monotonic()
 

@@ -72,6 +72,7 @@ class Registered(Envelope, tag="registered"):
 class Heartbeat(Envelope, tag="heartbeat"):
     sessions: int = 0
     tokens_processed: int = 0
+    compute_s: float = 0.0
     rss_bytes: int = 0
     peak_rss_bytes: int = 0
 
@@ -106,6 +107,7 @@ class Generate(Envelope, tag="generate"):
     tokens: list[int]
     max_tokens: int
     want_logits: bool = False
+    ignore_eos: bool = False  # benchmarks: always generate max_tokens
 
 
 class Forward(Envelope, tag="forward"):
@@ -120,6 +122,7 @@ class Forward(Envelope, tag="forward"):
     shape: list[int] = []
     remaining: int = 1
     want_logits: bool = False
+    ignore_eos: bool = False
 
 
 class Result(Envelope, tag="result"):

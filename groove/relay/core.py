@@ -147,6 +147,7 @@ class Relay:
         if node is not None:
             node.last_seen = time.monotonic()
             node.tokens_processed = msg.tokens_processed
+            node.compute_s = msg.compute_s
             node.rss_bytes, node.peak_rss_bytes = msg.rss_bytes, msg.peak_rss_bytes
         return []
 
@@ -207,7 +208,7 @@ class Relay:
         s.tokens.extend(msg.tokens)
         if s.processed == len(s.tokens):
             raise ProtocolError(E.BAD_REQUEST, "nothing to process: send at least one token")
-        s.turn = Turn(step=s.take_seq(), max_tokens=msg.max_tokens, want_logits=msg.want_logits)
+        s.turn = Turn(step=s.take_seq(), max_tokens=msg.max_tokens, want_logits=msg.want_logits, ignore_eos=msg.ignore_eos)
         s.last_used = time.monotonic()
         return [self._feed(s)]
 
@@ -215,7 +216,8 @@ class Relay:
         """Send every token not yet in the caches to the first node, as step ``turn.step``."""
         pending = s.tokens[s.processed :]
         fwd = Forward(session=s.id, seq=s.turn.step, start=s.processed, count=len(pending), tokens=pending,
-                      remaining=s.turn.max_tokens - s.turn.generated, want_logits=s.turn.want_logits)
+                      remaining=s.turn.max_tokens - s.turn.generated, want_logits=s.turn.want_logits,
+                      ignore_eos=s.turn.ignore_eos)
         s.processed = len(s.tokens)
         return Send(self.registry.nodes[s.chain[0]].conn, encode(fwd))
 

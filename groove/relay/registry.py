@@ -23,6 +23,7 @@ class NodeInfo:
     rss_bytes: int = 0
     peak_rss_bytes: int = 0
     tokens_processed: int = 0
+    compute_s: float = 0.0
     sessions: set[str] = field(default_factory=set)
     registered_at: float = field(default_factory=time.monotonic)
     last_seen: float = field(default_factory=time.monotonic)
@@ -37,6 +38,7 @@ class NodeInfo:
             "dtype": self.dtype,
             "sessions": len(self.sessions),
             "tokens_processed": self.tokens_processed,
+            "compute_s": round(self.compute_s, 4),
             "rss_bytes": self.rss_bytes,
             "peak_rss_bytes": self.peak_rss_bytes,
             "load_s": round(self.load_s, 3),

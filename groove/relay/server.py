@@ -9,6 +9,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import statistics
+import time
+from collections import deque
 
 from aiohttp import WSMsgType, web
 
@@ -27,6 +30,10 @@ class RelayServer:
         self.heartbeat_s = heartbeat_s
         self.queues: dict[str, asyncio.Queue] = {}
         self._ids = itertools.count(1)
+        self.io: dict[str, list[int]] = {}  # conn -> [bytes in, bytes out]
+        # Time from a frame's arrival to its departure on the next link: the relay's own
+        # cost per hop, kept for the most recent frames.
+        self.hop_s: deque[float] = deque(maxlen=4096)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=1 << 20)
@@ -36,16 +43,27 @@ class RelayServer:
         return app
 
     async def status_handler(self, request: web.Request) -> web.Response:
-        return web.json_response(self.relay.status())
+        return web.json_response(self.status())
+
+    def status(self) -> dict:
+        status = self.relay.status()
+        for node in status["nodes"]:
+            info = self.relay.registry.nodes.get(node["id"])
+            node["bytes_in"], node["bytes_out"] = self.io.get(info.conn, [0, 0]) if info else (0, 0)
+        hops = sorted(self.hop_s)
+        status["relay"]["frames_routed"] = len(hops)
+        status["relay"]["hop_ms_p50"] = round(statistics.median(hops) * 1000, 4) if hops else None
+        status["relay"]["hop_ms_p99"] = round(hops[int(len(hops) * 0.99)] * 1000, 4) if hops else None
+        return status
 
     async def index_handler(self, request: web.Request) -> web.Response:
         return web.Response(text="Groove relay. WebSocket at /ws, JSON status at /status.\n")
 
-    async def dispatch(self, sends: list[Send]) -> None:
+    async def dispatch(self, sends: list[Send], received: float | None = None) -> None:
         for send in sends:
             q = self.queues.get(send.conn)
             if q is not None:
-                await q.put(send.frame)
+                await q.put((send.frame, received))
 
     async def ws_handler(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(max_msg_size=self.max_frame, heartbeat=self.heartbeat_s)
@@ -53,28 +71,33 @@ class RelayServer:
         conn = f"conn-{next(self._ids)}"
         queue: asyncio.Queue = asyncio.Queue(OUTBOUND_QUEUE)
         self.queues[conn] = queue
+        self.io[conn] = io = [0, 0]
         self.relay.connect(conn)
-        writer = asyncio.create_task(self._writer(ws, queue))
+        writer = asyncio.create_task(self._writer(ws, queue, io))
         try:
             async for msg in ws:
-                if msg.type == WSMsgType.BINARY:
-                    await self.dispatch(self.relay.receive(conn, msg.data))
-                elif msg.type == WSMsgType.TEXT:
-                    await self.dispatch(self.relay.receive(conn, msg.data.encode()))
+                if msg.type in (WSMsgType.BINARY, WSMsgType.TEXT):
+                    received = time.perf_counter()
+                    data = msg.data if msg.type == WSMsgType.BINARY else msg.data.encode()
+                    io[0] += len(data)
+                    await self.dispatch(self.relay.receive(conn, data), received)
                 elif msg.type == WSMsgType.ERROR:
                     break
         finally:
             self.queues.pop(conn, None)
+            self.io.pop(conn, None)
             writer.cancel()
             await self.dispatch(self.relay.disconnect(conn))
         return ws
 
-    @staticmethod
-    async def _writer(ws: web.WebSocketResponse, queue: asyncio.Queue) -> None:
+    async def _writer(self, ws: web.WebSocketResponse, queue: asyncio.Queue, io: list[int]) -> None:
         try:
             while True:
-                frame = await queue.get()
+                frame, received = await queue.get()
                 await ws.send_bytes(frame)
+                io[1] += len(frame)
+                if received is not None:
+                    self.hop_s.append(time.perf_counter() - received)
         except (ConnectionError, RuntimeError, asyncio.CancelledError):
             pass
 

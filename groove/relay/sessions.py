@@ -17,6 +17,7 @@ class Turn:
     max_tokens: int
     generated: int = 0
     want_logits: bool = False
+    ignore_eos: bool = False
 
 
 @dataclass

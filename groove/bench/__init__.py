@@ -1,0 +1,1 @@
+"""``groove bench``: the pipeline measured side by side with single-process transformers."""

@@ -1,0 +1,192 @@
+"""Run a workload through a real local pipeline and through transformers, side by side.
+
+Every figure comes from this one invocation: the memory bandwidth it is normalised by, the
+single-process baseline, and the pipeline (a relay and N node processes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..models import checkpoint, info
+from ..models.checkpoint import EMBED_KEY, HEAD_KEY
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass
+class Workload:
+    model: Path
+    nodes: int
+    dtype: str
+    prompt_tokens: int
+    new_tokens: int
+    repeat: int
+    node_args: list[str]
+
+
+def weight_bytes_per_token(ckpt: checkpoint.Checkpoint, dtype: str) -> int:
+    """Bytes of weights one decode step reads: every tensor except the embedding (a lookup
+    reads one row), plus the LM head, which is the embedding matrix when tied."""
+    elements = 0
+    for name, t in ckpt.tensors.items():
+        if name == EMBED_KEY:
+            continue
+        n = 1
+        for d in t.shape:
+            n *= d
+        elements += n
+    if HEAD_KEY not in ckpt.tensors and EMBED_KEY in ckpt.tensors:
+        n = 1
+        for d in ckpt.tensors[EMBED_KEY].shape:
+            n *= d
+        elements += n
+    return elements * DTYPE_BYTES[dtype]
+
+
+def prompt_ids(vocab: int, n: int, seed: int = 0) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(min(vocab, 30000)) for _ in range(n)]
+
+
+def fetch_status(address: str) -> dict:
+    with urllib.request.urlopen(f"http://{address}/status", timeout=10) as r:
+        return json.loads(r.read())
+
+
+def run_baseline(w: Workload, prompt: list[int]) -> dict:
+    cmd = [sys.executable, "-m", "groove.bench.baseline", "--model", str(w.model), "--dtype", w.dtype,
+           "--prompt", ",".join(map(str, prompt)), "--new-tokens", str(w.new_tokens), "--repeat", str(w.repeat)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"baseline failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+async def _timed_generation(address: str, model: str, prompt: list[int], n: int) -> tuple[float, float, list[int]]:
+    """(time to first token, time from first to last token, tokens)."""
+    from ..consumer.client import Client
+    from ..protocol.messages import Sampling
+
+    async with Client(address) as c:
+        s = await c.open_session(model, Sampling(temperature=0), wait=30)
+        t0 = time.perf_counter()
+        first = None
+        tokens = []
+        async for step in c.generate(s, prompt, n, ignore_eos=True):
+            if first is None:
+                first = time.perf_counter()
+            tokens.append(step.token)
+        end = time.perf_counter()
+        await c.close_session(s)
+    return first - t0, end - first, tokens
+
+
+def _node_counters(address: str) -> dict[str, tuple[int, float]]:
+    time.sleep(0.6)  # nodes report compute time in heartbeats, at most 0.25 s after work
+    return {n["id"]: (n["bytes_in"] + n["bytes_out"], n["compute_s"]) for n in fetch_status(address)["nodes"]}
+
+
+def run_pipeline(w: Workload, ckpt: checkpoint.Checkpoint, prompt: list[int]) -> dict:
+    from ..launch import LocalCluster
+
+    embed, head = info.edge_bytes(ckpt)
+    ranges = [tuple(r) for r in info.balanced_split(info.layer_bytes(ckpt), embed, head, w.nodes)]
+    t_start = time.perf_counter()
+    with LocalCluster(w.model, ranges, dtype=w.dtype, node_args=w.node_args) as cluster:
+        ready_s = time.perf_counter() - t_start
+        name = ckpt.ref.name
+        asyncio.run(_timed_generation(cluster.address, name, prompt[:8], 4))  # warm-up
+        ttfts, rates, per_token_bytes, overheads, tokens = [], [], [], [], []
+        for _ in range(w.repeat):
+            c0 = _node_counters(cluster.address)
+            ttft1, _, _ = asyncio.run(_timed_generation(cluster.address, name, prompt, 1))
+            c1 = _node_counters(cluster.address)
+            ttft, decode_s, tokens = asyncio.run(_timed_generation(cluster.address, name, prompt, w.new_tokens))
+            c2 = _node_counters(cluster.address)
+            ttfts.append(ttft1)
+            rates.append((w.new_tokens - 1) / decode_s)
+            # A run of N tokens minus a run of 1: what decoding N-1 tokens added.
+            per_token_bytes.append({nid: ((c2[nid][0] - c1[nid][0]) - (c1[nid][0] - c0[nid][0])) / (w.new_tokens - 1) for nid in c2})
+            compute = sum((c2[nid][1] - c1[nid][1]) - (c1[nid][1] - c0[nid][1]) for nid in c2) / (w.new_tokens - 1)
+            overheads.append(decode_s / (w.new_tokens - 1) - compute)
+        status = fetch_status(cluster.address)
+    nodes = sorted(status["nodes"], key=lambda n: n["layers"][0])
+    link_bytes = {n["id"]: statistics.median(b[n["id"]] for b in per_token_bytes) for n in nodes}
+    return {
+        "ranges": [list(r) for r in ranges],
+        "ttft_s": statistics.median(ttfts),
+        "decode_tok_s": statistics.median(rates),
+        "token_ids": tokens,
+        "bytes_per_token_per_link": [{"node": n["id"], "layers": n["layers"], "bytes": round(link_bytes[n["id"]], 1)} for n in nodes],
+        # Per token, the tokens travels relay->node for each node and node->relay from the last.
+        "overhead_per_token_ms": statistics.median(overheads) * 1000,
+        "relay_hop_ms_p50": status["relay"]["hop_ms_p50"],
+        "relay_hop_ms_p99": status["relay"]["hop_ms_p99"],
+        "nodes": [{"id": n["id"], "layers": n["layers"], "peak_rss_bytes": n["peak_rss_bytes"], "load_s": n["load_s"]} for n in nodes],
+        "cluster_ready_s": ready_s,
+    }
+
+
+def run(w: Workload) -> dict:
+    from .bandwidth import read_bandwidth
+
+    ckpt = checkpoint.load(str(w.model))
+    prompt = prompt_ids(int(ckpt.config["vocab_size"]), w.prompt_tokens)
+    bandwidth = read_bandwidth()
+    weight_bytes = weight_bytes_per_token(ckpt, w.dtype)
+    baseline = run_baseline(w, prompt)
+    pipeline = run_pipeline(w, ckpt, prompt)
+    limit = bandwidth / weight_bytes
+    return {
+        "model": ckpt.ref.name,
+        "nodes": w.nodes,
+        "dtype": w.dtype,
+        "node_args": w.node_args,
+        "prompt_tokens": w.prompt_tokens,
+        "new_tokens": w.new_tokens,
+        "repeat": w.repeat,
+        "read_bandwidth_gb_s": bandwidth / 1e9,
+        "weight_bytes_per_token": weight_bytes,
+        "bandwidth_limit_tok_s": limit,
+        "baseline": {**{k: v for k, v in baseline.items() if k != "token_ids"}, "bandwidth_fraction": baseline["decode_tok_s"] / limit},
+        "groove": {**{k: v for k, v in pipeline.items() if k != "token_ids"}, "bandwidth_fraction": pipeline["decode_tok_s"] / limit},
+        "decode_ratio": pipeline["decode_tok_s"] / baseline["decode_tok_s"],
+        "ttft_ratio": pipeline["ttft_s"] / baseline["ttft_s"],
+        "same_tokens_as_baseline": pipeline["token_ids"] == baseline["token_ids"],
+    }
+
+
+def render(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    g, b = result["groove"], result["baseline"]
+    console = Console()
+    console.print(f"[bold]{result['model']}[/bold] {result['dtype']}, {result['nodes']} nodes {g['ranges']}, prompt "
+                  f"{result['prompt_tokens']} tokens, {result['new_tokens']} new tokens, median of {result['repeat']}")
+    console.print(f"read bandwidth {result['read_bandwidth_gb_s']:.1f} GB/s, {result['weight_bytes_per_token'] / 1e9:.3f} GB of "
+                  f"weights per token: limit {result['bandwidth_limit_tok_s']:.1f} tok/s")
+    t = Table()
+    for col in ("figure", "groove", "transformers", "ratio"):
+        t.add_column(col, justify="right" if col != "figure" else "left")
+    t.add_row("decode tokens/s", f"{g['decode_tok_s']:.2f}", f"{b['decode_tok_s']:.2f}", f"{result['decode_ratio']:.2f}x")
+    t.add_row("time to first token", f"{g['ttft_s'] * 1000:.0f} ms", f"{b['ttft_s'] * 1000:.0f} ms", f"{result['ttft_ratio']:.2f}x")
+    t.add_row("bandwidth limit reached", f"{g['bandwidth_fraction']:.0%}", f"{b['bandwidth_fraction']:.0%}", "")
+    t.add_row("network + relay per token", f"{g['overhead_per_token_ms']:.2f} ms", "", "")
+    t.add_row("relay hop (p50 / p99)", f"{g['relay_hop_ms_p50']:.3f} / {g['relay_hop_ms_p99']:.3f} ms", "", "")
+    for link in g["bytes_per_token_per_link"]:
+        t.add_row(f"bytes/token, relay<->node {link['layers'][0]}-{link['layers'][1]}", f"{link['bytes']:.0f}", "", "")
+    for n in g["nodes"]:
+        t.add_row(f"node {n['layers'][0]}-{n['layers'][1]} peak memory / load", f"{n['peak_rss_bytes'] / 2**20:.0f} MiB / {n['load_s']:.1f} s", "", "")
+    t.add_row("greedy tokens equal", "yes" if result["same_tokens_as_baseline"] else "NO", "", "")
+    console.print(t)

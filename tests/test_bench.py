@@ -1,0 +1,30 @@
+"""``groove bench`` runs end to end and reports every figure (speed itself is not asserted)."""
+
+from __future__ import annotations
+
+import json
+
+from .conftest import groove_cli
+
+
+def test_bench_json_reports_every_figure(tmp_path):
+    proc = groove_cli("bench", "--synthetic", "tiny", "--nodes", "2", "--prompt-tokens", "16", "--new-tokens", "6",
+                      "--repeat", "1", "--json", timeout=300, env={"XDG_CACHE_HOME": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    g, b = result["groove"], result["baseline"]
+    assert result["same_tokens_as_baseline"] is True
+    assert g["decode_tok_s"] > 0 and b["decode_tok_s"] > 0 and result["decode_ratio"] > 0
+    assert g["ttft_s"] > 0 and b["ttft_s"] > 0
+    assert result["read_bandwidth_gb_s"] > 0 and 0 < g["bandwidth_fraction"]
+    assert [link["layers"] for link in g["bytes_per_token_per_link"]] == [[0, 1], [2, 3]]
+    # tiny has hidden size 64: a bf16 hidden state is 128 bytes, plus headers, per hop.
+    for link in g["bytes_per_token_per_link"]:
+        assert 128 <= link["bytes"] <= 128 + 1024
+    assert g["relay_hop_ms_p50"] is not None and len(g["nodes"]) == 2
+    assert all(n["peak_rss_bytes"] > 0 and n["load_s"] > 0 for n in g["nodes"])
+
+
+def test_bench_rejects_unknown_shapes():
+    proc = groove_cli("bench", "--synthetic", "gpt-17", timeout=60)
+    assert proc.returncode == 2 and "unknown --synthetic" in proc.stderr
