@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--quantize", default="none", choices=["none", "int8"], help="int8: weight-only, per-channel scales")
+    p.add_argument("--no-pack", action="store_true", help="keep plain nn.Linear (no prepacked bfloat16 weights on CPU)")
     p.add_argument("-v", "--verbose", action="store_true")
 
     p = sub.add_parser("generate", help="generate text from a prompt")
@@ -73,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--synthetic", help="a random checkpoint with a known model's shape: qwen2.5-0.5b, qwen2.5-1.5b, llama-3.2-1b, tiny")
     p.add_argument("--nodes", type=int, default=2)
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--quantize", default="none", choices=["none", "int8"], help="quantize the nodes (the baseline stays in --dtype)")
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeat", type=int, default=3)
@@ -205,7 +208,8 @@ def _bench(args) -> int:
                 return 2
             model = Path(ref.local_dir)
         workload = harness.Workload(model=model, nodes=args.nodes, dtype=args.dtype, prompt_tokens=args.prompt_tokens,
-                                    new_tokens=args.new_tokens, repeat=args.repeat, node_args=args.node_arg)
+                                    new_tokens=args.new_tokens, repeat=args.repeat,
+                                    node_args=["--quantize", args.quantize, *args.node_arg])
         result = harness.run(workload)
     except (ModelError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -28,13 +28,6 @@ ROOT = Path(__file__).resolve().parent.parent
 SEED = 1234
 
 
-def corpus() -> str:
-    import pydoc_data.topics
-
-    topics = pydoc_data.topics.topics
-    return "\n\n".join(topics[k].strip() for k in sorted(topics))
-
-
 def build_tokenizer(text: str, vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -83,13 +76,15 @@ def main() -> None:
     args = ap.parse_args()
 
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from groove.models.synthetic import corpus_text
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     random.seed(SEED)
     torch.manual_seed(SEED)
     torch.use_deterministic_algorithms(True)
-    text = corpus()
+    text = corpus_text()
     tokenizer = build_tokenizer(text, args.vocab)
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
     split = int(len(ids) * 0.95)

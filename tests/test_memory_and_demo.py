@@ -13,7 +13,7 @@ import pytest
 
 from groove.launch import LocalCluster
 
-from .conftest import ROOT, run_async
+from .conftest import run_async
 from .test_pipeline import generate, status
 
 
@@ -119,10 +119,9 @@ def test_the_built_in_demo_model_is_trained():
     assert ckpt.config["model_type"] == "llama" and ckpt.num_layers >= 4
     assert sum(f.stat().st_size for f in path.iterdir()) < 8 * 2**20
     tok = PreTrainedTokenizerFast.from_pretrained(str(path))
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from train_demo_model import corpus
+    from groove.models.synthetic import corpus_text
 
-    ids = tok.encode(corpus())
+    ids = tok.encode(corpus_text())
     held_out = torch.tensor([ids[-1024:]])  # the end of the validation split
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     with torch.inference_mode():

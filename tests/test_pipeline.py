@@ -193,3 +193,22 @@ def test_bfloat16_pipeline_matches_transformers_in_bfloat16(cluster_factory, mod
     ref = reference_logits(path, prompt, dtype="bfloat16")
     assert torch.allclose(step.logits, ref, atol=2e-2, rtol=0), float((step.logits - ref).abs().max())
     assert status(cluster.address)["nodes"][0]["dtype"] == "bfloat16"
+
+
+def test_bfloat16_packed_nodes_give_transformers_greedy_tokens(cluster_factory, model_paths):
+    path = model_paths["qwen2"]
+    cluster = cluster_factory(path, [(0, 1), (2, 3)], dtype="bfloat16")
+    assert all(n["weights"] in ("packed", "") for n in status(cluster.address)["nodes"])
+    for prompt in PROMPTS:
+        steps = run_async(generate(cluster.address, "qwen2", prompt, 16))
+        assert [s.token for s in steps] == reference_generate(path, prompt, 16, dtype="bfloat16")
+
+
+def test_int8_nodes_stay_close_to_full_precision(cluster_factory, model_paths):
+    path = model_paths["llama"]
+    cluster = cluster_factory(path, [(0, 2), (3, 5)], node_args=["--quantize", "int8"])
+    assert [n["weights"] for n in status(cluster.address)["nodes"]] == ["int8", "int8"]
+    (step,) = run_async(generate(cluster.address, "llama", PROMPTS[0], 1, want_logits=True))
+    ref = reference_logits(path, PROMPTS[0])
+    rel = float((step.logits - ref).norm() / ref.norm())
+    assert rel < 0.05, rel

@@ -17,9 +17,12 @@ CHAT_TEMPLATE = (
 
 
 def corpus_text() -> str:
+    """About 450 KB of English prose and examples that ships with every CPython. The demo
+    model trains on the first 95% of its tokens and is validated on the rest."""
     import pydoc_data.topics
 
-    return "\n\n".join(pydoc_data.topics.topics.values())
+    topics = pydoc_data.topics.topics
+    return "\n\n".join(topics[k].strip() for k in sorted(topics))
 
 
 def build_tokenizer(out_dir: str | Path, vocab_size: int = 512, chat_template: bool = True):

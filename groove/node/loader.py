@@ -3,13 +3,20 @@
 The slice is a transformers ``*ForCausalLM`` built on the meta device from a config cut
 down to the slice's layers, so transformers' own forward (masks, rotary embeddings,
 sliding windows) runs it, its layers are numbered 0..n-1 and its KV cache is compact.
-Its tensors are then read one by one with ``safe_open`` and assigned in place: peak memory
-is the slice plus fixed overhead, never the whole model.
+Its tensors are then read one by one from the safetensors files and assigned in place:
+peak memory is the slice plus fixed overhead, never the whole model.
+
+Each tensor's byte range is read into memory the node owns instead of memory-mapping the
+file (``safe_open``): mapped pages would count as resident on top of the packed or
+quantized copies made from them, doubling the peak, and would fault in during the first
+generation instead of at start-up.
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import struct
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -33,6 +40,7 @@ class LoadedSlice:
     device: torch.device
     dtype: torch.dtype
     load_s: float
+    weights: str = ""  # how the linear layers are stored: "packed", "int8" or "" (plain)
 
 
 def pick_device(name: str) -> torch.device:
@@ -115,9 +123,34 @@ def tensor_plan(ckpt: Checkpoint, first: int, last: int) -> dict[str, list[str]]
     return plan
 
 
-def load_slice(ckpt: Checkpoint, first: int, last: int, device: torch.device, dtype: torch.dtype) -> LoadedSlice:
-    from safetensors import safe_open
+_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_tensors(path, names: list[str]):
+    """Yield (name, CPU tensor) for ``names`` from one safetensors file, reading only their bytes."""
+    with open(path, "rb") as f:
+        (hlen,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(hlen))
+        base = 8 + hlen
+        for name in sorted(names, key=lambda n: header[n]["data_offsets"][0]):
+            info = header[name]
+            if info["dtype"] not in _ST_DTYPES:
+                raise ModelError(f"tensor {name} has unsupported dtype {info['dtype']}")
+            start, end = info["data_offsets"]
+            t = torch.empty(info["shape"], dtype=_ST_DTYPES[info["dtype"]])
+            if end > start:
+                f.seek(base + start)
+                if f.readinto(memoryview(t.view(-1).view(torch.uint8).numpy())) != end - start:
+                    raise ModelError(f"{path} is truncated (tensor {name})")
+            yield name, t
+
+
+def load_slice(ckpt: Checkpoint, first: int, last: int, device: torch.device, dtype: torch.dtype,
+               *, pack: bool = True, quantize: str = "none") -> LoadedSlice:
     from transformers import AutoModelForCausalLM
+
+    from .linears import Int8Linear, pack_linears, packing_available, replace_linears
 
     t0 = time.perf_counter()
     config = slice_config(ckpt, first, last)
@@ -137,14 +170,11 @@ def load_slice(ckpt: Checkpoint, first: int, last: int, device: torch.device, dt
     for name in plan:
         by_file[ckpt.tensors[name].file].append(name)
     state: dict[str, torch.Tensor] = {}
-    load_device = "cpu" if device.type == "mps" else str(device)
     for fname, names in by_file.items():
-        path = hub_file(ckpt.ref, fname)
-        with safe_open(str(path), framework="pt", device=load_device) as f:
-            for name in names:
-                tensor = f.get_tensor(name).to(device=device, dtype=dtype)
-                for local in plan[name]:
-                    state[local] = tensor
+        for name, tensor in read_tensors(hub_file(ckpt.ref, fname), names):
+            tensor = tensor.to(device=device, dtype=dtype)
+            for local in plan[name]:
+                state[local] = tensor
     result = model.load_state_dict(state, strict=False, assign=True)
     # Tied embeddings on a single node: one tensor serves both ends.
     if is_first and is_last and "lm_head.weight" in state:
@@ -155,6 +185,16 @@ def load_slice(ckpt: Checkpoint, first: int, last: int, device: torch.device, dt
     if left_on_meta:
         raise ModelError(f"tensors missing from the checkpoint for this slice: {left_on_meta[:5]} (unexpected: {result.unexpected_keys[:3]})")
     model.eval()
+    # Drop every reference to the loaded weights before converting them, so each original
+    # is freed as soon as its packed or quantized copy exists: the peak stays one slice.
+    del state, tensor
+    weights = ""
+    if quantize == "int8":
+        replace_linears(model, lambda linear: Int8Linear(linear, dtype))
+        weights = "int8"
+    elif pack and packing_available(device, dtype):
+        pack_linears(model)
+        weights = "packed"
     return LoadedSlice(
         model=model,
         config=config,
@@ -166,4 +206,5 @@ def load_slice(ckpt: Checkpoint, first: int, last: int, device: torch.device, dt
         device=device,
         dtype=dtype,
         load_s=time.perf_counter() - t0,
+        weights=weights,
     )

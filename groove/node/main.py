@@ -39,7 +39,7 @@ def run(args) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        loaded = load_slice(ckpt, first, last, device, dtype)
+        loaded = load_slice(ckpt, first, last, device, dtype, pack=not args.no_pack, quantize=args.quantize)
     except ModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -106,13 +106,13 @@ class NodeWorker:
         await ws.send_bytes(encode(NodeRegister(
             model=self.model, fingerprint=self.fingerprint, num_layers=s.num_layers, layers=Range(s.first, s.last),
             device=str(s.device), dtype=_dtype_str(s.dtype), hidden_size=self.hidden_size,
-            vocab_size=self.vocab_size, load_s=s.load_s, rss_bytes=self.proc.memory_info().rss,
+            vocab_size=self.vocab_size, weights=s.weights, load_s=s.load_s, rss_bytes=self.proc.memory_info().rss,
             peak_rss_bytes=peak_rss_bytes())))
         reg = await self._expect(ws, Registered)
         self.node_id = reg.node_id
         rss = self.proc.memory_info().rss / 2**20
         print(f"registered as {self.node_id} with relay {self.relay}: {self.model} layers {s.first}-{s.last} "
-              f"on {s.device} ({_dtype_str(s.dtype)}), loaded in {s.load_s:.2f}s, resident memory {rss:.0f} MiB",
+              f"on {s.device} ({_dtype_str(s.dtype)}{', ' + s.weights + ' weights' if s.weights else ''}), loaded in {s.load_s:.2f}s, resident memory {rss:.0f} MiB",
               flush=True)
         jobs: asyncio.Queue = asyncio.Queue()
         tasks = [asyncio.create_task(self._compute_loop(ws, jobs)), asyncio.create_task(self._heartbeat_loop(ws))]

@@ -60,6 +60,7 @@ class NodeRegister(Envelope, tag="node_register"):
     dtype: str
     hidden_size: int
     vocab_size: int
+    weights: str = ""  # "packed", "int8" or "" (plain)
     load_s: float = 0.0
     rss_bytes: int = 0
     peak_rss_bytes: int = 0

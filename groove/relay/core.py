@@ -136,7 +136,7 @@ class Relay:
         node = NodeInfo(
             id=peer.id, conn=peer.conn, model=msg.model, fingerprint=msg.fingerprint, num_layers=msg.num_layers,
             first=first, last=last, device=msg.device, dtype=msg.dtype, hidden_size=msg.hidden_size,
-            vocab_size=msg.vocab_size, load_s=msg.load_s, rss_bytes=msg.rss_bytes, peak_rss_bytes=msg.peak_rss_bytes,
+            vocab_size=msg.vocab_size, weights=msg.weights, load_s=msg.load_s, rss_bytes=msg.rss_bytes, peak_rss_bytes=msg.peak_rss_bytes,
         )
         self.registry.add(node)
         log.info("node %s registered: %s layers %d-%d on %s/%s", node.id, node.model, first, last, node.device, node.dtype)

@@ -19,6 +19,7 @@ class NodeInfo:
     dtype: str
     hidden_size: int
     vocab_size: int
+    weights: str = ""
     load_s: float = 0.0
     rss_bytes: int = 0
     peak_rss_bytes: int = 0
@@ -36,6 +37,7 @@ class NodeInfo:
             "layers": [self.first, self.last],
             "device": self.device,
             "dtype": self.dtype,
+            "weights": self.weights,
             "sessions": len(self.sessions),
             "tokens_processed": self.tokens_processed,
             "compute_s": round(self.compute_s, 4),

@@ -1,0 +1,58 @@
+"""The node's fast linear layers: packed bfloat16 is bit-identical, int8 stays close."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from groove.node.linears import Int8Linear, PackedLinear, pack_linears, packing_available, replace_linears
+
+
+@pytest.mark.skipif(not packing_available(torch.device("cpu"), torch.bfloat16), reason="oneDNN is not available")
+@pytest.mark.parametrize("shape", [(64, 96), (192, 64), (1000, 64)])
+@pytest.mark.parametrize("m", [1, 5, 300])
+def test_packed_bfloat16_is_bit_identical(shape, m):
+    torch.manual_seed(0)
+    lin = nn.Linear(shape[1], shape[0], bias=False).to(torch.bfloat16)
+    x = torch.randn(1, m, shape[1], dtype=torch.bfloat16)
+    assert torch.equal(PackedLinear(lin)(x), lin(x))
+
+
+def test_layers_with_a_bias_are_not_packed():
+    model = nn.Sequential(nn.Linear(8, 8, bias=True), nn.Linear(8, 8, bias=False)).to(torch.bfloat16)
+    assert pack_linears(model) == 1
+    assert isinstance(model[0], nn.Linear) and isinstance(model[1], PackedLinear)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 7])
+def test_int8_matches_its_dequantized_weights(dtype, m):
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 300, bias=True).to(dtype)
+    q = Int8Linear(lin, dtype)
+    assert q.weight.dtype == torch.int8 and q.scales.shape == (300,)
+    x = torch.randn(2, m, 128, dtype=dtype)
+    deq = (q.weight.float() * q.scales.float()[:, None])
+    expected = x.float() @ deq.T + lin.bias.float()
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    assert torch.allclose(q(x).float(), expected, atol=tol, rtol=tol)
+    # and quantization error against the original weights is small
+    rel = (q(x).float() - lin(x).float()).norm() / lin(x).float().norm()
+    assert rel < 0.02
+
+
+def test_int8_quantizes_in_row_blocks_exactly_like_all_at_once():
+    torch.manual_seed(1)
+    lin = nn.Linear(16, 9000)  # more rows than one block
+    q = Int8Linear(lin, torch.float32)
+    w = lin.weight.detach()
+    scales = w.abs().amax(1) / 127
+    assert torch.equal(q.weight, torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8))
+
+
+def test_replace_linears_swaps_every_linear_and_frees_the_originals():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Sequential(nn.Linear(4, 2)))
+    assert replace_linears(model, lambda lin: Int8Linear(lin, torch.float32)) == 2
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())
+    assert model(torch.randn(3, 4)).shape == (3, 2)
