@@ -82,8 +82,15 @@ class Proc:
                 self.popen.wait()
 
 
+# Processes launched together share this machine's cores. An idle node's OpenMP workers
+# spin-wait after each parallel region by default, stealing the cores the busy node needs:
+# with two nodes on 2 cores that cost 25% of decode speed (measured, see BENCHMARKS.md).
+# A short spin keeps most of the single-process speed and gives the cores back.
+SHARED_CORES_ENV = {"GOMP_SPINCOUNT": "10000", "KMP_BLOCKTIME": "1"}
+
+
 def spawn(name: str, args: list[str], env: dict | None = None) -> Proc:
-    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    full_env = {**SHARED_CORES_ENV, **os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     popen = subprocess.Popen(
         [sys.executable, "-m", "groove", *args],
         stdout=subprocess.PIPE,

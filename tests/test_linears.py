@@ -26,7 +26,7 @@ def test_layers_with_a_bias_are_not_packed():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("m", [1, 7])
+@pytest.mark.parametrize("m", [1, 7, 64])
 def test_int8_matches_its_dequantized_weights(dtype, m):
     torch.manual_seed(0)
     lin = nn.Linear(128, 300, bias=True).to(dtype)

@@ -35,11 +35,14 @@ def run(args) -> int:
         first, last = parse_layers(args.layers, ckpt.num_layers)
         device = pick_device(args.device)
         dtype = pick_dtype(args.dtype, device)
+        from .worker import compute_thread
+
+        pool = compute_thread()
         if args.threads:
             import torch
 
-            torch.set_num_threads(args.threads)
-        loaded = load_slice(ckpt, first, last, device, dtype, pack=not args.no_pack, quantize=args.quantize)
+            pool.submit(torch.set_num_threads, args.threads).result()
+        loaded = pool.submit(load_slice, ckpt, first, last, device, dtype, pack=not args.no_pack, quantize=args.quantize).result()
     except ModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -54,6 +57,7 @@ def run(args) -> int:
         eos_ids=eos_ids(ckpt.ref, ckpt.config),
         hidden_size=int(ckpt.config["hidden_size"]),
         vocab_size=int(ckpt.config["vocab_size"]),
+        pool=pool,
     )
     try:
         asyncio.run(worker.run_forever())

@@ -45,6 +45,16 @@ log = logging.getLogger("groove.node")
 HEARTBEAT_S = 1.0
 
 
+def compute_thread() -> ThreadPoolExecutor:
+    """The one thread that runs torch in a node, loading included.
+
+    Loading in one thread and computing in another leaves two OpenMP thread teams in the
+    process; on a 2-core machine that made each decode step 1.5x slower (measured), so the
+    node does all of its torch work on this thread.
+    """
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="groove-compute")
+
+
 class FatalNodeError(Exception):
     """The relay refused this node for good (bad layer range, version): retrying is pointless."""
 
@@ -59,7 +69,8 @@ def peak_rss_bytes() -> int:
 
 
 class NodeWorker:
-    def __init__(self, shard: Shard, *, model: str, fingerprint: str, relay: str, eos_ids: set[int], hidden_size: int, vocab_size: int):
+    def __init__(self, shard: Shard, *, model: str, fingerprint: str, relay: str, eos_ids: set[int], hidden_size: int, vocab_size: int,
+                 pool: ThreadPoolExecutor):
         self.shard = shard
         self.model = model
         self.fingerprint = fingerprint
@@ -72,7 +83,7 @@ class NodeWorker:
         self.tokens_processed = 0
         self.compute_s = 0.0
         self.node_id = ""
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="groove-compute")
+        self.pool = pool
         self.proc = psutil.Process(os.getpid())
 
     # --- connection -------------------------------------------------------------------
