@@ -208,7 +208,7 @@ def _bench(args) -> int:
                 return 2
             model = Path(ref.local_dir)
         workload = harness.Workload(model=model, nodes=args.nodes, dtype=args.dtype, prompt_tokens=args.prompt_tokens,
-                                    new_tokens=args.new_tokens, repeat=args.repeat,
+                                    new_tokens=args.new_tokens, repeat=args.repeat, quantize=args.quantize,
                                     node_args=["--quantize", args.quantize, *args.node_arg])
         result = harness.run(workload)
     except (ModelError, RuntimeError) as exc:

@@ -32,25 +32,23 @@ class Workload:
     new_tokens: int
     repeat: int
     node_args: list[str]
+    quantize: str = "none"
 
 
-def weight_bytes_per_token(ckpt: checkpoint.Checkpoint, dtype: str) -> int:
+def weight_bytes_per_token(ckpt: checkpoint.Checkpoint, dtype: str, quantize: str = "none") -> int:
     """Bytes of weights one decode step reads: every tensor except the embedding (a lookup
-    reads one row), plus the LM head, which is the embedding matrix when tied."""
-    elements = 0
-    for name, t in ckpt.tensors.items():
-        if name == EMBED_KEY:
-            continue
-        n = 1
-        for d in t.shape:
-            n *= d
-        elements += n
+    reads one row), plus the LM head, which is the embedding matrix when tied. With int8,
+    matrices take one byte per element (their per-row scales are negligible)."""
+    shapes = [t.shape for name, t in ckpt.tensors.items() if name != EMBED_KEY]
     if HEAD_KEY not in ckpt.tensors and EMBED_KEY in ckpt.tensors:
+        shapes.append(ckpt.tensors[EMBED_KEY].shape)
+    total = 0
+    for shape in shapes:
         n = 1
-        for d in ckpt.tensors[EMBED_KEY].shape:
+        for d in shape:
             n *= d
-        elements += n
-    return elements * DTYPE_BYTES[dtype]
+        total += n * (1 if quantize == "int8" and len(shape) == 2 else DTYPE_BYTES[dtype])
+    return total
 
 
 def prompt_ids(vocab: int, n: int, seed: int = 0) -> list[int]:
@@ -143,14 +141,16 @@ def run(w: Workload) -> dict:
     ckpt = checkpoint.load(str(w.model))
     prompt = prompt_ids(int(ckpt.config["vocab_size"]), w.prompt_tokens)
     bandwidth = read_bandwidth()
-    weight_bytes = weight_bytes_per_token(ckpt, w.dtype)
+    weight_bytes = weight_bytes_per_token(ckpt, w.dtype, w.quantize)
     baseline = run_baseline(w, prompt)
     pipeline = run_pipeline(w, ckpt, prompt)
     limit = bandwidth / weight_bytes
+    baseline_limit = bandwidth / weight_bytes_per_token(ckpt, w.dtype)
     return {
         "model": ckpt.ref.name,
         "nodes": w.nodes,
         "dtype": w.dtype,
+        "quantize": w.quantize,
         "node_args": w.node_args,
         "prompt_tokens": w.prompt_tokens,
         "new_tokens": w.new_tokens,
@@ -158,7 +158,7 @@ def run(w: Workload) -> dict:
         "read_bandwidth_gb_s": bandwidth / 1e9,
         "weight_bytes_per_token": weight_bytes,
         "bandwidth_limit_tok_s": limit,
-        "baseline": {**{k: v for k, v in baseline.items() if k != "token_ids"}, "bandwidth_fraction": baseline["decode_tok_s"] / limit},
+        "baseline": {**{k: v for k, v in baseline.items() if k != "token_ids"}, "bandwidth_fraction": baseline["decode_tok_s"] / baseline_limit},
         "groove": {**{k: v for k, v in pipeline.items() if k != "token_ids"}, "bandwidth_fraction": pipeline["decode_tok_s"] / limit},
         "decode_ratio": pipeline["decode_tok_s"] / baseline["decode_tok_s"],
         "ttft_ratio": pipeline["ttft_s"] / baseline["ttft_s"],
@@ -172,7 +172,8 @@ def render(result: dict) -> None:
 
     g, b = result["groove"], result["baseline"]
     console = Console()
-    console.print(f"[bold]{result['model']}[/bold] {result['dtype']}, {result['nodes']} nodes {g['ranges']}, prompt "
+    quant = ", int8 nodes" if result.get("quantize") == "int8" else ""
+    console.print(f"[bold]{result['model']}[/bold] {result['dtype']}{quant}, {result['nodes']} nodes {g['ranges']}, prompt "
                   f"{result['prompt_tokens']} tokens, {result['new_tokens']} new tokens, median of {result['repeat']}")
     console.print(f"read bandwidth {result['read_bandwidth_gb_s']:.1f} GB/s, {result['weight_bytes_per_token'] / 1e9:.3f} GB of "
                   f"weights per token: limit {result['bandwidth_limit_tok_s']:.1f} tok/s")
