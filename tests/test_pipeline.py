@@ -4,6 +4,7 @@ token with transformers running the same checkpoint in one process."""
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 
 import pytest
@@ -88,7 +89,16 @@ def test_multi_turn_reuses_the_cache(llama_cluster, model_paths):
         nodes = [n for n in status(llama_cluster.address)["nodes"] if n["model"] == "three"]
         return {n["layers"][0]: n["tokens_processed"] for n in nodes}
 
-    before = processed()
+    def settled():  # heartbeats report work within 0.25 s: wait until two reads agree
+        last = processed()
+        while True:
+            time.sleep(0.6)
+            now = processed()
+            if now == last:
+                return now
+            last = now
+
+    before = settled()
 
     async def two_turns():
         async with Client(llama_cluster.address) as c:
