@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("relay", help="run the relay (the one process that listens)")
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8770)
+    p.add_argument("--node-timeout", type=float, default=5.0, help="seconds without a heartbeat before a node is dropped")
+    p.add_argument("--session-ttl", type=float, default=600.0, help="seconds before an idle session is closed")
     p.add_argument("-v", "--verbose", action="store_true")
 
     p = sub.add_parser("node", help="serve a slice of a model's layers")
@@ -139,7 +141,7 @@ def _relay(args) -> int:
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        asyncio.run(serve(args.host, args.port))
+        asyncio.run(serve(args.host, args.port, node_timeout=args.node_timeout, session_ttl=args.session_ttl))
     except OSError as exc:
         print(f"error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1

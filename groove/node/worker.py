@@ -43,6 +43,8 @@ from .shard import Shard, SessionState
 log = logging.getLogger("groove.node")
 
 HEARTBEAT_S = 1.0
+# Short enough that a restarted relay has its nodes back within seconds.
+MAX_BACKOFF_S = 5.0
 
 
 def compute_thread() -> ThreadPoolExecutor:
@@ -108,7 +110,7 @@ class NodeWorker:
                     self.sessions.clear()
                 print(f"relay {self.relay} unreachable ({reason}); retrying in {delay:.1f}s", file=sys.stderr, flush=True)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
+                delay = min(delay * 2, MAX_BACKOFF_S)
 
     async def _serve(self, ws: aiohttp.ClientWebSocketResponse, first: bool) -> None:
         await ws.send_bytes(encode(Hello(role="node", software=f"groove {__version__}")))
@@ -157,13 +159,10 @@ class NodeWorker:
         except ProtocolError as exc:
             log.warning("bad frame from relay: %s", exc.message)
             return
-        if isinstance(msg, PipelineConfig):
-            self.sessions[msg.session] = self.shard.new_session(msg.sampling)
-        elif isinstance(msg, Forward):
+        if isinstance(msg, (PipelineConfig, Forward, CloseSession)):
+            # One queue for steps and session changes, so a session closed and reopened
+            # (after a failover) never has an old step run against its new cache.
             await jobs.put((msg, payload))
-        elif isinstance(msg, CloseSession):
-            # Queued steps of a closed session are skipped when they come up.
-            self.sessions.pop(msg.session, None)
         elif isinstance(msg, Error):
             log.warning("relay error %s: %s", msg.code, msg.message)
 
@@ -171,6 +170,12 @@ class NodeWorker:
         loop = asyncio.get_running_loop()
         while True:
             msg, payload = await jobs.get()
+            if isinstance(msg, PipelineConfig):
+                self.sessions[msg.session] = self.shard.new_session(msg.sampling)
+                continue
+            if isinstance(msg, CloseSession):
+                self.sessions.pop(msg.session, None)
+                continue
             state = self.sessions.get(msg.session)
             if state is None:
                 # Closed sessions' queued steps end here; the relay ignores the error for

@@ -14,6 +14,7 @@ NODE_LOST = "node_lost"
 NODE_FAILED = "node_failed"
 BUSY = "busy"
 REJECTED = "rejected"
+EXPIRED = "expired"
 
 
 class ProtocolError(Exception):

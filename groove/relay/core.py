@@ -60,13 +60,17 @@ class Peer:
 
 
 class Relay:
-    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME_BYTES, max_sessions_per_consumer: int = 64) -> None:
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME_BYTES, max_sessions_per_consumer: int = 64,
+                 node_timeout: float = 5.0, session_ttl: float = 600.0) -> None:
         self.registry = Registry()
         self.sessions = SessionTable()
         self.peers: dict[str, Peer] = {}
         self.max_frame = max_frame
         self.max_sessions_per_consumer = max_sessions_per_consumer
         self.started = time.time()
+        self.failovers = 0
+        self.node_timeout = node_timeout
+        self.session_ttl = session_ttl
 
     # --- connections ------------------------------------------------------------------
 
@@ -84,11 +88,62 @@ class Relay:
         elif peer.role == "node":
             node = self.registry.remove(peer.id)
             if node is not None:
-                log.info("node %s (%s layers %d-%d) disconnected", node.id, node.model, node.first, node.last)
+                log.warning("node %s (%s layers %d-%d) lost", node.id, node.model, node.first, node.last)
                 for s in self.sessions.using_node(node.id):
-                    out.append(self._error(s.consumer, E.NODE_LOST, f"node {node.id} serving layers {node.first}-{node.last} of {node.model} disconnected", session=s.id, missing=[Range(node.first, node.last)]))
-                    out += self._close_session(s, skip=node.id)
+                    out += self._failover(s, node)
         return out
+
+    def _failover(self, s: Session, lost: NodeInfo) -> list[Send]:
+        """Move a session off a lost node: plan a new chain among the survivors, and replay
+        the session's tokens through it so its caches are rebuilt; the turn in progress
+        carries on from the step that was lost. Greedy output is unchanged."""
+        survivors = self.registry.serving(s.model, s.fingerprint)
+        chain = plan(survivors, lost.num_layers) if survivors else None
+        if chain is None:
+            text, missing = explain_gap(survivors, lost.num_layers) if survivors else (f"layers 0-{lost.num_layers - 1} are not served by any node", [[0, lost.num_layers - 1]])
+            error = self._error(s.consumer, E.NODE_LOST, f"node {lost.id} serving layers {lost.first}-{lost.last} of {s.model} was lost "
+                                f"and no other node can take over: {text}", session=s.id, missing=[Range(a, b) for a, b in missing])
+            return [error, *self._close_session(s, skip=lost.id)]
+        out = []
+        for node_id in s.chain:  # survivors of the old chain drop the session's caches
+            node = self.registry.nodes.get(node_id)
+            if node is not None:
+                node.sessions.discard(s.id)
+                out.append(Send(node.conn, encode(CloseSession(session=s.id))))
+        s.chain = [n.id for n in chain]
+        out += self._configure(s, chain)
+        s.processed = 0
+        s.failovers += 1
+        self.failovers += 1
+        s.first_live_seq = s.next_seq
+        log.warning("session %s moved to %s after losing %s; replaying %d tokens", s.id[:8], s.chain, lost.id, len(s.tokens))
+        if s.turn is not None:
+            s.turn.step = s.take_seq()
+            out.append(self._feed(s))
+        return out
+
+    def _configure(self, s: Session, chain: list[NodeInfo]) -> list[Send]:
+        out = []
+        for i, node in enumerate(chain):
+            node.sessions.add(s.id)
+            out.append(Send(node.conn, encode(PipelineConfig(session=s.id, position=i, length=len(chain), sampling=s.sampling))))
+        return out
+
+    def tick(self, now: float | None = None) -> tuple[list[Send], list[str]]:
+        """Called periodically: nodes silent past the timeout are treated as lost (their
+        sessions fail over), idle sessions past the TTL are closed. Returns the frames to
+        send and the connections to close."""
+        now = time.monotonic() if now is None else now
+        out: list[Send] = []
+        dead = [n.conn for n in self.registry.nodes.values() if now - n.last_seen > self.node_timeout]
+        for conn in dead:
+            log.warning("no heartbeat from %s for %.1fs", self.peers[conn].id if conn in self.peers else conn, self.node_timeout)
+            out += self.disconnect(conn)
+        for s in list(self.sessions.sessions.values()):
+            if s.turn is None and now - s.last_used > self.session_ttl:
+                out.append(self._error(s.consumer, E.EXPIRED, f"session idle for more than {self.session_ttl:.0f}s was closed", session=s.id))
+                out += self._close_session(s)
+        return out, dead
 
     # --- frames -----------------------------------------------------------------------
 
@@ -96,6 +151,8 @@ class Relay:
         peer = self.peers.get(conn)
         if peer is None:
             return []
+        if peer.role == "node" and peer.id in self.registry.nodes:
+            self.registry.nodes[peer.id].last_seen = time.monotonic()  # any frame proves it is alive
         try:
             msg, payload = decode(frame, self.max_frame)
         except ProtocolError as exc:
@@ -145,7 +202,6 @@ class Relay:
     def _on_heartbeat(self, peer: Peer, msg: Heartbeat, frame, payload) -> list[Send]:
         node = self.registry.nodes.get(peer.id)
         if node is not None:
-            node.last_seen = time.monotonic()
             node.tokens_processed = msg.tokens_processed
             node.compute_s = msg.compute_s
             node.rss_bytes, node.peak_rss_bytes = msg.rss_bytes, msg.peak_rss_bytes
@@ -179,12 +235,9 @@ class Relay:
         sid = self.sessions.new_id()
         head = chain[0]
         session = Session(id=sid, consumer=peer.conn, model=msg.model, fingerprint=head.fingerprint,
-                          chain=[n.id for n in chain], vocab_size=chain[-1].vocab_size)
+                          chain=[n.id for n in chain], vocab_size=chain[-1].vocab_size, sampling=msg.sampling)
         self.sessions.add(session)
-        out = []
-        for i, node in enumerate(chain):
-            node.sessions.add(sid)
-            out.append(Send(node.conn, encode(PipelineConfig(session=sid, position=i, length=len(chain), sampling=msg.sampling))))
+        out = self._configure(session, chain)
         out.append(Send(peer.conn, encode(SessionOpened(
             id=msg.id, session=sid, model=msg.model, fingerprint=head.fingerprint,
             pipeline=[n.id for n in chain], ranges=[Range(n.first, n.last) for n in chain]))))
@@ -223,8 +276,8 @@ class Relay:
 
     def _position(self, peer: Peer, msg) -> tuple[Session, int] | None:
         s = self.sessions.get(msg.session)
-        if s is None or peer.id not in s.chain:
-            return None  # closed while the step was in flight
+        if s is None or peer.id not in s.chain or msg.seq < s.first_live_seq:
+            return None  # closed, or moved to another chain, while the step was in flight
         return s, s.chain.index(peer.id)
 
     def _on_forward(self, peer: Peer, msg: Forward, frame, payload) -> list[Send]:
@@ -306,7 +359,8 @@ class Relay:
                 "nodes": len(nodes),
             })
         return {
-            "relay": {"version": __version__, "uptime_s": round(time.time() - self.started, 1), "sessions": len(self.sessions.sessions)},
+            "relay": {"version": __version__, "uptime_s": round(time.time() - self.started, 1), "sessions": len(self.sessions.sessions),
+                      "failovers": self.failovers},
             "models": models,
-            "nodes": [n.as_status() for n in sorted(self.registry.nodes.values(), key=lambda n: (n.model, n.first, n.id))],
+            "nodes": [{**n.as_status(), "healthy": time.monotonic() - n.last_seen <= self.node_timeout} for n in sorted(self.registry.nodes.values(), key=lambda n: (n.model, n.first, n.id))],
         }

@@ -24,11 +24,13 @@ OUTBOUND_QUEUE = 1024
 
 
 class RelayServer:
-    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME_BYTES, heartbeat_s: float = 5.0):
-        self.relay = Relay(max_frame=max_frame)
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME_BYTES, heartbeat_s: float = 5.0, node_timeout: float = 5.0,
+                 session_ttl: float = 600.0):
+        self.relay = Relay(max_frame=max_frame, node_timeout=node_timeout, session_ttl=session_ttl)
         self.max_frame = max_frame
         self.heartbeat_s = heartbeat_s
         self.queues: dict[str, asyncio.Queue] = {}
+        self.sockets: dict[str, web.WebSocketResponse] = {}
         self._ids = itertools.count(1)
         self.io: dict[str, list[int]] = {}  # conn -> [bytes in, bytes out]
         # Time from a frame's arrival to its departure on the next link: the relay's own
@@ -71,6 +73,7 @@ class RelayServer:
         conn = f"conn-{next(self._ids)}"
         queue: asyncio.Queue = asyncio.Queue(OUTBOUND_QUEUE)
         self.queues[conn] = queue
+        self.sockets[conn] = ws
         self.io[conn] = io = [0, 0]
         self.relay.connect(conn)
         writer = asyncio.create_task(self._writer(ws, queue, io))
@@ -85,10 +88,21 @@ class RelayServer:
                     break
         finally:
             self.queues.pop(conn, None)
+            self.sockets.pop(conn, None)
             self.io.pop(conn, None)
             writer.cancel()
             await self.dispatch(self.relay.disconnect(conn))
         return ws
+
+    async def housekeeping(self, interval: float = 0.5) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            sends, dead = self.relay.tick()
+            await self.dispatch(sends)
+            for conn in dead:
+                ws = self.sockets.get(conn)
+                if ws is not None:
+                    await ws.close(code=4000, message=b"heartbeat timeout")
 
     async def _writer(self, ws: web.WebSocketResponse, queue: asyncio.Queue, io: list[int]) -> None:
         try:
@@ -102,16 +116,16 @@ class RelayServer:
             pass
 
 
-async def serve(host: str, port: int, ready: asyncio.Event | None = None) -> None:
-    server = RelayServer()
+async def serve(host: str, port: int, *, node_timeout: float = 5.0, session_ttl: float = 600.0) -> None:
+    server = RelayServer(node_timeout=node_timeout, session_ttl=session_ttl)
     runner = web.AppRunner(server.app(), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
     print(f"groove relay listening on ws://{host}:{port}/ws (status: http://{host}:{port}/status)", flush=True)
-    if ready is not None:
-        ready.set()
+    housekeeping = asyncio.create_task(server.housekeeping())
     try:
         await asyncio.Event().wait()
     finally:
+        housekeeping.cancel()
         await runner.cleanup()

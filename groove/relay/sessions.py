@@ -10,6 +10,8 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
+from ..protocol.messages import Sampling
+
 
 @dataclass
 class Turn:
@@ -28,10 +30,15 @@ class Session:
     fingerprint: str
     chain: list[str]  # node ids, in layer order
     vocab_size: int
+    sampling: Sampling = field(default_factory=Sampling)
     tokens: list[int] = field(default_factory=list)
     processed: int = 0  # tokens already sent into the pipeline (in every node's cache)
     turn: Turn | None = None
     next_seq: int = 1
+    # Steps numbered below this were sent to a chain that has since been replaced: their
+    # frames are dropped wherever they turn up.
+    first_live_seq: int = 0
+    failovers: int = 0
     last_used: float = field(default_factory=time.monotonic)
 
     def take_seq(self) -> int:
