@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("node", help="serve a slice of a model's layers")
     _add_model_args(p)
-    p.add_argument("--layers", required=True, help="first-last decoder layers, e.g. 0-11")
+    p.add_argument("--layers", required=True, help="first-last decoder layers, e.g. 0-11, or 'auto' to let the relay choose")
+    p.add_argument("--max-memory", default=None, help="with --layers auto: memory for weights, e.g. 8GB (default: 80%% of free memory)")
     p.add_argument("--relay", default=DEFAULT_RELAY)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])

@@ -208,3 +208,72 @@ def test_status_shows_health_and_heartbeat_age(model_paths):
     with LocalCluster(model_paths["qwen2"], [(0, 3)]) as cluster:
         (node,) = status(cluster.address)["nodes"]
         assert node["healthy"] is True and 0 <= node["last_heartbeat_s"] < 2
+
+
+# --- automatic placement -----------------------------------------------------------------
+
+from groove.relay.placement import PlacementError, Shape, parse_size, place  # noqa: E402
+
+
+def test_placement_fills_gaps_first_then_replicates_the_least_redundant_range():
+    shape = Shape(num_layers=8, layer_bytes=[10] * 8, embed_bytes=20, head_bytes=20)
+    assert place(shape, 60, []) == (0, 3)  # 20 + 4 x 10
+    assert place(shape, 60, [(0, 3)]) == (4, 7)  # 4 x 10 + 20
+    assert place(shape, 35, [(0, 3)]) == (4, 6)  # sized to the memory offered
+    assert place(shape, 60, [(0, 3), (4, 7)]) in [(0, 3), (4, 7)]
+    assert place(shape, 60, [(0, 3), (4, 7), (0, 3)]) == (4, 7)  # the range with fewer replicas
+    assert place(shape, 1000, [(0, 3), (4, 7)]) == (0, 7)  # a whole replica when it fits
+    with pytest.raises(PlacementError, match="layer 0 alone"):
+        place(shape, 25, [])
+
+
+def test_parse_size():
+    assert parse_size("8GB") == 8 * 10**9 and parse_size("512MiB") == 512 * 2**20 and parse_size("1.5g") == 1.5e9
+    with pytest.raises(ValueError):
+        parse_size("lots")
+
+
+def test_layers_auto_fills_two_halves_then_adds_a_replica(model_paths):
+    from groove.models import checkpoint, info
+
+    path = model_paths["llama"]
+    ckpt = checkpoint.load(str(path))
+    embed, head = info.edge_bytes(ckpt)
+    shape = Shape(ckpt.num_layers, info.layer_bytes(ckpt), embed, head)
+    budget = max(shape.cost(0, 2), shape.cost(3, 5))
+    assert budget < min(shape.cost(0, 3), shape.cost(2, 5))
+    with LocalCluster(path, []) as cluster:
+        for _ in range(2):  # started together: the relay's reservations keep them apart
+            node = spawn("node", ["node", "--model", str(path), "--layers", "auto", "--max-memory", str(budget), "--relay",
+                                  cluster.address, "--dtype", "float32", "--device", "cpu"])
+            cluster.nodes.append(node)
+        for node in cluster.nodes:
+            node.wait_for("registered as", 120)
+        st = status(cluster.address)
+        assert sorted(n["layers"] for n in st["nodes"]) == [[0, 2], [3, 5]]
+        assert st["models"][0]["complete"] and st["models"][0]["redundancy"] == 1
+        third = spawn("node", ["node", "--model", str(path), "--layers", "auto", "--max-memory", str(budget), "--relay",
+                               cluster.address, "--dtype", "float32", "--device", "cpu"])
+        cluster.nodes.append(third)
+        line = third.wait_for("placed this node on layers", 60)
+        third.wait_for("registered as", 120)
+        assert "layers 0-2" in line or "layers 3-5" in line
+        assert sorted(n["layers"] for n in status(cluster.address)["nodes"]) in ([[0, 2], [0, 2], [3, 5]], [[0, 2], [3, 5], [3, 5]])
+
+        async def run():
+            async with Client(cluster.address) as c:
+                s = await c.open_session("llama", Sampling(temperature=0), wait=10)
+                return [x.token async for x in c.generate(s, PROMPT, 8)]
+
+        assert run_async(run()) == reference_generate(path, PROMPT, 8)
+
+
+def test_layers_auto_with_too_little_memory_is_refused(model_paths):
+    with LocalCluster(model_paths["llama"], []) as cluster:
+        node = spawn("node", ["node", "--model", str(model_paths["llama"]), "--layers", "auto", "--max-memory", "1KB",
+                              "--relay", cluster.address, "--dtype", "float32"])
+        try:
+            node.wait_for("alone needs", 60)
+            assert node.popen.wait(10) == 2
+        finally:
+            node.stop()

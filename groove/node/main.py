@@ -10,6 +10,28 @@ import sys
 from ..models import checkpoint
 from ..models.architectures import check_supported
 from ..models.checkpoint import ModelError
+from .worker import FatalNodeError
+
+
+async def ask_for_layers(args, ckpt, dtype) -> tuple[int, int]:
+    """Describe this node's memory and the model's layer sizes (in the dtype it will run)
+    to the relay, and get the range to load."""
+    import psutil
+
+    from ..models import info
+    from ..protocol.messages import PlacementRequest
+    from ..relay.placement import parse_size
+    from .worker import request_placement
+
+    budget = parse_size(args.max_memory) if args.max_memory else int(psutil.virtual_memory().available * 0.8)
+    itemsize = 1 if args.quantize == "int8" else dtype.itemsize
+    stored = {"F32": 4, "F16": 2, "BF16": 2}.get(next(iter(ckpt.tensors.values())).dtype, 2)
+    scale = itemsize / stored
+    embed, head = info.edge_bytes(ckpt)
+    request = PlacementRequest(model=ckpt.ref.name, fingerprint=ckpt.fingerprint(), num_layers=ckpt.num_layers,
+                               layer_bytes=[int(b * scale) for b in info.layer_bytes(ckpt)], embed_bytes=int(embed * dtype.itemsize / stored),
+                               head_bytes=int(head * scale), max_memory=budget)
+    return await request_placement(args.relay, request)
 
 
 def eos_ids(ref: checkpoint.ModelRef, config: dict) -> set[int]:
@@ -32,9 +54,13 @@ def run(args) -> int:
         check_supported(ckpt.config)
         from .loader import load_slice, parse_layers, pick_device, pick_dtype
 
-        first, last = parse_layers(args.layers, ckpt.num_layers)
         device = pick_device(args.device)
         dtype = pick_dtype(args.dtype, device)
+        if args.layers == "auto":
+            first, last = asyncio.run(ask_for_layers(args, ckpt, dtype))
+            print(f"relay {args.relay} placed this node on layers {first}-{last}", flush=True)
+        else:
+            first, last = parse_layers(args.layers, ckpt.num_layers)
         from .worker import compute_thread
 
         pool = compute_thread()
@@ -43,11 +69,14 @@ def run(args) -> int:
 
             pool.submit(torch.set_num_threads, args.threads).result()
         loaded = pool.submit(load_slice, ckpt, first, last, device, dtype, pack=not args.no_pack, quantize=args.quantize).result()
-    except ModelError as exc:
+    except (ModelError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except FatalNodeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     from .shard import Shard
-    from .worker import FatalNodeError, NodeWorker
+    from .worker import NodeWorker
 
     worker = NodeWorker(
         Shard(loaded),

@@ -30,6 +30,8 @@ from ..protocol.messages import (
     Hello,
     NodeRegister,
     PipelineConfig,
+    Placement,
+    PlacementRequest,
     Range,
     Registered,
     Result,
@@ -68,6 +70,21 @@ def peak_rss_bytes() -> int:
         return int(getattr(psutil.Process().memory_info(), "peak_wset", 0))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
+
+
+async def expect(ws, kind):
+    """The next frame from the relay, which must be a ``kind``; errors end the handshake."""
+    msg = await ws.receive(timeout=30)
+    if msg.type != aiohttp.WSMsgType.BINARY:
+        raise aiohttp.ClientError(f"relay closed the connection during the handshake ({msg.type.name})")
+    header, _ = decode(msg.data)
+    if isinstance(header, Error):
+        if header.fatal or header.code in (E.REJECTED, E.BAD_VERSION):
+            raise FatalNodeError(f"relay refused this node: {header.message}")
+        raise aiohttp.ClientError(f"relay error: {header.message}")
+    if not isinstance(header, kind):
+        raise aiohttp.ClientError(f"unexpected {type(header).__name__} during the handshake")
+    return header
 
 
 class NodeWorker:
@@ -114,14 +131,14 @@ class NodeWorker:
 
     async def _serve(self, ws: aiohttp.ClientWebSocketResponse, first: bool) -> None:
         await ws.send_bytes(encode(Hello(role="node", software=f"groove {__version__}")))
-        await self._expect(ws, Welcome)
+        await expect(ws, Welcome)
         s = self.shard.s
         await ws.send_bytes(encode(NodeRegister(
             model=self.model, fingerprint=self.fingerprint, num_layers=s.num_layers, layers=Range(s.first, s.last),
             device=str(s.device), dtype=_dtype_str(s.dtype), hidden_size=self.hidden_size,
             vocab_size=self.vocab_size, weights=s.weights, load_s=s.load_s, rss_bytes=self.proc.memory_info().rss,
             peak_rss_bytes=peak_rss_bytes())))
-        reg = await self._expect(ws, Registered)
+        reg = await expect(ws, Registered)
         self.node_id = reg.node_id
         rss = self.proc.memory_info().rss / 2**20
         print(f"registered as {self.node_id} with relay {self.relay}: {self.model} layers {s.first}-{s.last} "
@@ -137,19 +154,6 @@ class NodeWorker:
         finally:
             for t in tasks:
                 t.cancel()
-
-    async def _expect(self, ws, kind):
-        msg = await ws.receive(timeout=30)
-        if msg.type != aiohttp.WSMsgType.BINARY:
-            raise aiohttp.ClientError(f"relay closed the connection during the handshake ({msg.type.name})")
-        header, _ = decode(msg.data)
-        if isinstance(header, Error):
-            if header.fatal or header.code in (E.REJECTED, E.BAD_VERSION):
-                raise FatalNodeError(f"relay refused this node: {header.message}")
-            raise aiohttp.ClientError(f"relay error: {header.message}")
-        if not isinstance(header, kind):
-            raise aiohttp.ClientError(f"unexpected {type(header).__name__} during the handshake")
-        return header
 
     # --- frames -----------------------------------------------------------------------
 
@@ -229,6 +233,25 @@ class NodeWorker:
                 await ws.send_bytes(encode(Heartbeat(src=self.node_id, sessions=state[0], tokens_processed=state[1], compute_s=state[2],
                                                      rss_bytes=self.proc.memory_info().rss, peak_rss_bytes=peak_rss_bytes())))
                 last_sent, last_time = state, time.monotonic()
+
+
+async def request_placement(relay: str, request: PlacementRequest) -> tuple[int, int]:
+    """Ask the relay which layers a ``--layers auto`` node should load, retrying with
+    backoff until the relay answers."""
+    delay = 0.5
+    async with aiohttp.ClientSession() as http:
+        while True:
+            try:
+                async with http.ws_connect(relay_url(relay), heartbeat=5.0) as ws:
+                    await ws.send_bytes(encode(Hello(role="node", software=f"groove {__version__}")))
+                    await expect(ws, Welcome)
+                    await ws.send_bytes(encode(request))
+                    placement = await expect(ws, Placement)
+                    return placement.layers.first, placement.layers.last
+            except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+                print(f"relay {relay} unreachable ({_short(exc)}); retrying in {delay:.1f}s", file=sys.stderr, flush=True)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, MAX_BACKOFF_S)
 
 
 def _dtype_str(dtype) -> str:

@@ -66,6 +66,22 @@ class NodeRegister(Envelope, tag="node_register"):
     peak_rss_bytes: int = 0
 
 
+class PlacementRequest(Envelope, tag="placement_request"):
+    """A node started with ``--layers auto`` asks which layers to load."""
+
+    model: str
+    fingerprint: str
+    num_layers: int
+    layer_bytes: list[int]
+    embed_bytes: int
+    head_bytes: int
+    max_memory: int
+
+
+class Placement(Envelope, tag="placement"):
+    layers: Range
+
+
 class Registered(Envelope, tag="registered"):
     node_id: str
 
@@ -156,6 +172,8 @@ Message = Union[
     Hello,
     Welcome,
     NodeRegister,
+    PlacementRequest,
+    Placement,
     Registered,
     Heartbeat,
     OpenSession,

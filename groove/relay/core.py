@@ -30,6 +30,8 @@ from ..protocol.messages import (
     NodeRegister,
     OpenSession,
     PipelineConfig,
+    Placement,
+    PlacementRequest,
     Range,
     Registered,
     Result,
@@ -37,6 +39,7 @@ from ..protocol.messages import (
     Welcome,
     Cancel,
 )
+from .placement import PlacementError, Shape, place
 from .planner import coverage, explain_gap, plan
 from .registry import NodeInfo, Registry
 from .sessions import Session, SessionTable, Turn
@@ -71,6 +74,10 @@ class Relay:
         self.failovers = 0
         self.node_timeout = node_timeout
         self.session_ttl = session_ttl
+        # Ranges handed to --layers auto nodes that are still loading: (model, fingerprint,
+        # first, last, expiry). They count as served, so two nodes starting together split
+        # the model instead of both taking the same gap.
+        self.reservations: list[tuple[str, str, int, int, float]] = []
 
     # --- connections ------------------------------------------------------------------
 
@@ -169,7 +176,7 @@ class Relay:
     def _handler(self, peer: Peer, msg: Message):
         table = {
             "": {Hello: self._on_hello},
-            "node": {NodeRegister: self._on_register, Heartbeat: self._on_heartbeat, Forward: self._on_forward, Result: self._on_result, Error: self._on_node_error},
+            "node": {PlacementRequest: self._on_placement, NodeRegister: self._on_register, Heartbeat: self._on_heartbeat, Forward: self._on_forward, Result: self._on_result, Error: self._on_node_error},
             "consumer": {OpenSession: self._on_open, Generate: self._on_generate, Cancel: self._on_cancel, CloseSession: self._on_close},
         }
         return table[peer.role].get(type(msg))
@@ -178,6 +185,21 @@ class Relay:
         peer.role = msg.role
         peer.id = ("n-" if msg.role == "node" else "c-") + secrets.token_hex(4)
         return [Send(peer.conn, encode(Welcome(id=msg.id, peer_id=peer.id, relay_software=f"groove {__version__}")))]
+
+    def _on_placement(self, peer: Peer, msg: PlacementRequest, frame, payload) -> list[Send]:
+        if len(msg.layer_bytes) != msg.num_layers or msg.num_layers < 1:
+            raise ProtocolError(E.BAD_REQUEST, f"{len(msg.layer_bytes)} layer sizes for a model of {msg.num_layers} layers")
+        now = time.monotonic()
+        self.reservations = [r for r in self.reservations if r[4] > now]
+        served = [(n.first, n.last) for n in self.registry.serving(msg.model, msg.fingerprint)]
+        served += [(a, b) for m, fp, a, b, _ in self.reservations if (m, fp) == (msg.model, msg.fingerprint)]
+        try:
+            first, last = place(Shape(msg.num_layers, msg.layer_bytes, msg.embed_bytes, msg.head_bytes), msg.max_memory, served)
+        except PlacementError as exc:
+            return [self._error(peer.conn, E.REJECTED, str(exc), ref=msg.id, fatal=True)]
+        self.reservations.append((msg.model, msg.fingerprint, first, last, now + 300))
+        log.info("placing a node of %s on layers %d-%d", msg.model, first, last)
+        return [Send(peer.conn, encode(Placement(id=msg.id, layers=Range(first, last))))]
 
     def _on_register(self, peer: Peer, msg: NodeRegister, frame, payload) -> list[Send]:
         if self.registry.nodes.get(peer.id):
@@ -196,6 +218,9 @@ class Relay:
             vocab_size=msg.vocab_size, weights=msg.weights, load_s=msg.load_s, rss_bytes=msg.rss_bytes, peak_rss_bytes=msg.peak_rss_bytes,
         )
         self.registry.add(node)
+        taken = next((r for r in self.reservations if r[:4] == (node.model, node.fingerprint, first, last)), None)
+        if taken is not None:
+            self.reservations.remove(taken)
         log.info("node %s registered: %s layers %d-%d on %s/%s", node.id, node.model, first, last, node.device, node.dtype)
         return [Send(peer.conn, encode(Registered(id=msg.id, node_id=node.id)))]
 
@@ -356,6 +381,7 @@ class Relay:
                 "num_layers": num_layers,
                 "coverage": coverage(nodes),
                 "complete": plan(nodes, num_layers) is not None,
+                "redundancy": min(sum(n.first <= layer <= n.last for n in nodes) for layer in range(num_layers)),
                 "nodes": len(nodes),
             })
         return {
