@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="layers, sizes and recommended splits of a model")
     p.add_argument("model")
+    p.add_argument("--relay", default=None, help="also show which nodes serve it there, and where --layers auto would go")
+    p.add_argument("--max-memory", default=None, help="with --relay: the memory of the next --layers auto node, e.g. 8GB")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("bench", help="measure a local pipeline against single-process transformers")
@@ -156,8 +158,11 @@ def _info(args) -> int:
     from .models.checkpoint import ModelError
 
     try:
-        desc = info.describe(checkpoint.load(args.model))
-    except (ModelError, KeyError) as exc:
+        ckpt = checkpoint.load(args.model)
+        desc = info.describe(ckpt)
+        if args.relay:
+            desc["network"] = _network_plan(args, ckpt, desc)
+    except (ModelError, KeyError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if args.json:
@@ -184,7 +189,41 @@ def _info(args) -> int:
             mibs.append(f"{total / mib:.1f}")
         table.add_row(n, "  ".join(f"{a}-{b}" for a, b in ranges), "  ".join(mibs))
     console.print(table)
+    net = desc.get("network")
+    if net is not None:
+        served = ", ".join(f"{n['id']} {n['layers'][0]}-{n['layers'][1]}" for n in net["nodes"]) or "no nodes"
+        cov = ", ".join(f"{a}-{b}" for a, b in net["coverage"]) or "nothing"
+        console.print(f"on relay {args.relay}: {served}; coverage {cov}; {'complete' if net['complete'] else 'incomplete'}")
+        if net.get("next_auto") is not None:
+            a, b = net["next_auto"]
+            console.print(f"the next 'groove node --layers auto --max-memory {args.max_memory}' would load layers {a}-{b}")
+        elif net.get("next_auto_error"):
+            console.print(f"a 'groove node --layers auto --max-memory {args.max_memory}' would be refused: {net['next_auto_error']}")
     return 0
+
+
+def _network_plan(args, ckpt, desc) -> dict:
+    """The model as a relay serves it now, and where the placement rule would put the next node."""
+    from .consumer.client import GrooveError
+    from .consumer.commands import fetch_status
+    from .relay.placement import PlacementError, Shape, parse_size, place
+    from .relay.registry import merge_ranges
+
+    try:
+        status = fetch_status(args.relay)
+    except GrooveError as exc:
+        raise ValueError(exc.message) from None
+    nodes = [n for n in status["nodes"] if n["model"] == ckpt.ref.name and n["fingerprint"] == desc["fingerprint"]]
+    model = next((m for m in status["models"] if m["model"] == ckpt.ref.name and m["fingerprint"] == desc["fingerprint"]), None)
+    out = {"relay": args.relay, "nodes": [{"id": n["id"], "layers": n["layers"]} for n in nodes],
+           "coverage": merge_ranges([tuple(n["layers"]) for n in nodes]), "complete": bool(model and model["complete"])}
+    if args.max_memory:
+        shape = Shape(desc["num_layers"], desc["layer_bytes"], desc["embedding_bytes"], desc["head_bytes"])
+        try:
+            out["next_auto"] = list(place(shape, parse_size(args.max_memory), [tuple(n["layers"]) for n in nodes]))
+        except PlacementError as exc:
+            out["next_auto"], out["next_auto_error"] = None, str(exc)
+    return out
 
 
 def _bench(args) -> int:

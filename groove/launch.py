@@ -89,10 +89,11 @@ class Proc:
 SHARED_CORES_ENV = {"GOMP_SPINCOUNT": "10000", "KMP_BLOCKTIME": "1"}
 
 
-def spawn(name: str, args: list[str], env: dict | None = None) -> Proc:
+def spawn(name: str, args: list[str], env: dict | None = None, prefix: list[str] | None = None) -> Proc:
+    """Start ``python -m groove ARGS``; ``prefix`` wraps the command (``ip netns exec NS``)."""
     full_env = {**SHARED_CORES_ENV, **os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     popen = subprocess.Popen(
-        [sys.executable, "-m", "groove", *args],
+        [*(prefix or []), sys.executable, "-m", "groove", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,

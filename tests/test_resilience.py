@@ -187,8 +187,8 @@ def test_a_restarted_node_rejoins_and_serves_again(model_paths):
 
 def test_consumer_disconnect_frees_every_nodes_cache(model_paths):
     with LocalCluster(model_paths["qwen2"], [(0, 1), (2, 3)]) as cluster:
-        def node_sessions():
-            return [n["sessions"] for n in status(cluster.address)["nodes"]]
+        def node_sessions():  # as the nodes themselves count them (KV caches held), and as the relay does
+            return [(n["cached_sessions"], n["sessions"]) for n in status(cluster.address)["nodes"]]
 
         async def open_and_vanish():
             c = Client(cluster.address)
@@ -197,11 +197,11 @@ def test_consumer_disconnect_frees_every_nodes_cache(model_paths):
                 s = await c.open_session("qwen2", Sampling(temperature=0), wait=10)
                 async for _ in c.generate(s, PROMPT, 2):
                     pass
-            assert node_sessions() == [3, 3]
+            assert wait_until(lambda: node_sessions() == [(3, 3), (3, 3)], timeout=5), node_sessions()
             await c.close()  # no close_session: the relay must clean up
 
         run_async(open_and_vanish())
-        assert wait_until(lambda: node_sessions() == [0, 0], timeout=5), node_sessions()
+        assert wait_until(lambda: node_sessions() == [(0, 0), (0, 0)], timeout=5), node_sessions()
 
 
 def test_status_shows_health_and_heartbeat_age(model_paths):
@@ -277,3 +277,18 @@ def test_layers_auto_with_too_little_memory_is_refused(model_paths):
             assert node.popen.wait(10) == 2
         finally:
             node.stop()
+
+
+def test_info_shows_the_plan_on_a_relay(model_paths):
+    import json
+
+    from .conftest import groove_cli
+
+    path = model_paths["llama"]
+    with LocalCluster(path, [(0, 2)]) as cluster:
+        proc = groove_cli("info", str(path), "--relay", cluster.address, "--max-memory", "10GB", "--json")
+        assert proc.returncode == 0, proc.stderr
+        net = json.loads(proc.stdout)["network"]
+        assert net["coverage"] == [[0, 2]] and not net["complete"] and net["next_auto"] == [3, 5]
+        human = groove_cli("info", str(path), "--relay", cluster.address, "--max-memory", "10GB")
+        assert "would load layers 3-5" in human.stdout

@@ -228,6 +228,7 @@ class Relay:
         node = self.registry.nodes.get(peer.id)
         if node is not None:
             node.tokens_processed = msg.tokens_processed
+            node.cached_sessions = msg.sessions
             node.compute_s = msg.compute_s
             node.rss_bytes, node.peak_rss_bytes = msg.rss_bytes, msg.peak_rss_bytes
         return []

@@ -24,6 +24,7 @@ class NodeInfo:
     rss_bytes: int = 0
     peak_rss_bytes: int = 0
     tokens_processed: int = 0
+    cached_sessions: int = 0  # the node's own count of sessions holding a KV cache
     compute_s: float = 0.0
     sessions: set[str] = field(default_factory=set)
     registered_at: float = field(default_factory=time.monotonic)
@@ -39,6 +40,7 @@ class NodeInfo:
             "dtype": self.dtype,
             "weights": self.weights,
             "sessions": len(self.sessions),
+            "cached_sessions": self.cached_sessions,
             "tokens_processed": self.tokens_processed,
             "compute_s": round(self.compute_s, 4),
             "rss_bytes": self.rss_bytes,
