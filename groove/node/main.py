@@ -24,13 +24,13 @@ async def ask_for_layers(args, ckpt, dtype) -> tuple[int, int]:
     from .worker import request_placement
 
     budget = parse_size(args.max_memory) if args.max_memory else int(psutil.virtual_memory().available * 0.8)
-    itemsize = 1 if args.quantize == "int8" else dtype.itemsize
     stored = {"F32": 4, "F16": 2, "BF16": 2}.get(next(iter(ckpt.tensors.values())).dtype, 2)
-    scale = itemsize / stored
+    scale = dtype.itemsize / stored
+    linear_scale = 1 / stored if args.quantize == "int8" else scale  # int8 covers linears, not the embedding
     embed, head = info.edge_bytes(ckpt)
     request = PlacementRequest(model=ckpt.ref.name, fingerprint=ckpt.fingerprint(), num_layers=ckpt.num_layers,
-                               layer_bytes=[int(b * scale) for b in info.layer_bytes(ckpt)], embed_bytes=int(embed * dtype.itemsize / stored),
-                               head_bytes=int(head * scale), max_memory=budget)
+                               layer_bytes=[int(b * linear_scale) for b in info.layer_bytes(ckpt)],
+                               embed_bytes=int(embed * scale), head_bytes=int(head * linear_scale), max_memory=budget)
     return await request_placement(args.relay, request)
 
 
@@ -69,10 +69,7 @@ def run(args) -> int:
 
             pool.submit(torch.set_num_threads, args.threads).result()
         loaded = pool.submit(load_slice, ckpt, first, last, device, dtype, pack=not args.no_pack, quantize=args.quantize).result()
-    except (ModelError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except FatalNodeError as exc:
+    except (ModelError, ValueError, FatalNodeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     from .shard import Shard

@@ -20,6 +20,7 @@ from ..protocol import errors as E
 from ..protocol.errors import ProtocolError
 from ..protocol.framing import DEFAULT_MAX_FRAME_BYTES, decode, encode
 from ..protocol.messages import (
+    Cancel,
     CloseSession,
     Error,
     Forward,
@@ -37,7 +38,6 @@ from ..protocol.messages import (
     Result,
     SessionOpened,
     Welcome,
-    Cancel,
 )
 from .placement import PlacementError, Shape, place
 from .planner import coverage, explain_gap, plan
