@@ -11,6 +11,12 @@ from . import __version__
 DEFAULT_RELAY = "127.0.0.1:8770"
 
 
+def _add_connection_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--relay", default=DEFAULT_RELAY, help="HOST:PORT, or ws(s)://, http(s):// for TLS")
+    p.add_argument("--token", default=None, help="this role's token (default: $GROOVE_TOKEN, or the local relay's config)")
+    p.add_argument("--tls-ca", default=None, help="CA certificate that signed the relay's (for a private CA)")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="local checkpoint directory or hub id")
     p.add_argument("--model-name", default=None, help="name on the network (default: hub id or directory name)")
@@ -35,13 +41,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8770)
     p.add_argument("--node-timeout", type=float, default=5.0, help="seconds without a heartbeat before a node is dropped")
     p.add_argument("--session-ttl", type=float, default=600.0, help="seconds before an idle session is closed")
+    p.add_argument("--auth-file", default=None, help='JSON {"node": [tokens], "consumer": [tokens]} (default: generated once in ~/.config/groove)')
+    p.add_argument("--insecure-open", action="store_true", help="no authentication at all")
+    p.add_argument("--tls-cert", default=None)
+    p.add_argument("--tls-key", default=None)
+    p.add_argument("--max-connections-per-address", type=int, default=64)
+    p.add_argument("--max-session-tokens", type=int, default=32768, help="prompt plus generated tokens per session")
+    p.add_argument("--handshake-timeout", type=float, default=10.0, help="seconds a new connection has to say hello")
     p.add_argument("-v", "--verbose", action="store_true")
 
     p = sub.add_parser("node", help="serve a slice of a model's layers")
     _add_model_args(p)
     p.add_argument("--layers", required=True, help="first-last decoder layers, e.g. 0-11, or 'auto' to let the relay choose")
     p.add_argument("--max-memory", default=None, help="with --layers auto: memory for weights, e.g. 8GB (default: 80%% of free memory)")
-    p.add_argument("--relay", default=DEFAULT_RELAY)
+    _add_connection_args(p)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
@@ -50,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true")
 
     p = sub.add_parser("generate", help="generate text from a prompt")
-    p.add_argument("--relay", default=DEFAULT_RELAY)
+    _add_connection_args(p)
     _add_model_args(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt")
@@ -59,18 +72,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
 
     p = sub.add_parser("chat", help="multi-turn chat; the session's KV cache is kept between turns")
-    p.add_argument("--relay", default=DEFAULT_RELAY)
+    _add_connection_args(p)
     _add_model_args(p)
     p.add_argument("--system", default=None, help="system prompt")
     _add_sampling_args(p, 256)
 
     p = sub.add_parser("status", help="show the relay's nodes and model coverage")
-    p.add_argument("--relay", default=DEFAULT_RELAY)
+    _add_connection_args(p)
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("info", help="layers, sizes and recommended splits of a model")
     p.add_argument("model")
     p.add_argument("--relay", default=None, help="also show which nodes serve it there, and where --layers auto would go")
+    p.add_argument("--token", default=None)
+    p.add_argument("--tls-ca", default=None)
     p.add_argument("--max-memory", default=None, help="with --relay: the memory of the next --layers auto node, e.g. 8GB")
     p.add_argument("--json", action="store_true")
 
@@ -142,13 +157,44 @@ def _relay(args) -> int:
 
     from .relay.server import serve
 
+    from .relay import auth
+    from .relay.server import tls_context
+
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        asyncio.run(serve(args.host, args.port, node_timeout=args.node_timeout, session_ttl=args.session_ttl))
+        tls = tls_context(args.tls_cert, args.tls_key)
+        tokens = None
+        if not args.insecure_open:
+            from pathlib import Path
+
+            tokens, path, created = auth.load_or_create(Path(args.auth_file) if args.auth_file else None)
+            _print_join(args, tokens, path, created, tls is not None)
+    except (ValueError, auth.AuthError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        asyncio.run(serve(args.host, args.port, tokens=tokens, tls=tls, node_timeout=args.node_timeout, session_ttl=args.session_ttl,
+                          max_connections_per_address=args.max_connections_per_address,
+                          max_session_tokens=args.max_session_tokens, handshake_timeout=args.handshake_timeout))
     except OSError as exc:
         print(f"error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _print_join(args, tokens, path, created: bool, tls: bool) -> None:
+    import socket
+
+    host = args.host
+    if host in ("0.0.0.0", "::", ""):
+        try:
+            host = socket.gethostbyname(socket.gethostname())
+        except OSError:
+            host = "THIS-HOST"
+    relay = f"{'wss://' if tls else ''}{host}:{args.port}"
+    print(f"{'created' if created else 'using'} access tokens in {path} (commands on this machine find them there)")
+    print(f"  on another machine, join a node with:  groove node --model MODEL --layers auto --relay {relay} --token {tokens.node[0]}")
+    print(f"  consumers elsewhere use:  --token {tokens.consumer[0]}   (HTTP: 'Authorization: Bearer {tokens.consumer[0]}')", flush=True)
 
 
 def _info(args) -> int:
@@ -210,7 +256,7 @@ def _network_plan(args, ckpt, desc) -> dict:
     from .relay.registry import merge_ranges
 
     try:
-        status = fetch_status(args.relay)
+        status = fetch_status(args.relay, token=args.token, tls_ca=args.tls_ca)
     except GrooveError as exc:
         raise ValueError(exc.message) from None
     nodes = [n for n in status["nodes"] if n["model"] == ckpt.ref.name and n["fingerprint"] == desc["fingerprint"]]

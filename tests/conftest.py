@@ -7,6 +7,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,6 +16,9 @@ import pytest
 from groove.launch import LocalCluster
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
+# Relays started by the tests keep their generated tokens here, where every node and
+# consumer the tests start (on "the relay's machine") finds them: authentication stays on.
+os.environ["GROOVE_CONFIG_DIR"] = tempfile.mkdtemp(prefix="groove-config-")
 ROOT = Path(__file__).resolve().parent.parent
 
 # Each architecture gets its own seed so no two test checkpoints share weights.

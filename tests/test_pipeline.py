@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.request
 
 import pytest
 import torch
@@ -28,8 +27,9 @@ async def generate(address, model, prompt, max_tokens, sampling=None, want_logit
 
 
 def status(address):
-    with urllib.request.urlopen(f"http://{address}/status", timeout=5) as r:
-        return json.loads(r.read())
+    from groove.consumer.commands import fetch_status
+
+    return fetch_status(address)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,8 +56,9 @@ def prompt_ids(vocab: int, n: int, seed: int = 0) -> list[int]:
 
 
 def fetch_status(address: str) -> dict:
-    with urllib.request.urlopen(f"http://{address}/status", timeout=10) as r:
-        return json.loads(r.read())
+    from ..consumer.commands import fetch_status as fetch
+
+    return fetch(address, timeout=10)
 
 
 def run_baseline(w: Workload, prompt: list[int]) -> dict:

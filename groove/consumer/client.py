@@ -24,7 +24,7 @@ from ..protocol import errors as E
 from ..protocol.errors import ProtocolError
 from ..protocol.framing import DEFAULT_MAX_FRAME_BYTES, decode, encode
 from ..protocol.messages import Cancel, CloseSession, Error, Generate, Hello, OpenSession, Result, Sampling, SessionOpened, Welcome
-from ..protocol.address import relay_url
+from ..protocol.address import client_ssl, relay_url
 
 
 class GrooveError(Exception):
@@ -52,9 +52,13 @@ class Step:
 
 
 class Client:
-    def __init__(self, relay: str):
+    def __init__(self, relay: str, token: str | None = None, tls_ca: str | None = None):
+        from ..relay.auth import local_token
+
         self.relay = relay
         self.url = relay_url(relay)
+        self.token = local_token("consumer", token)
+        self.ssl = client_ssl(relay, tls_ca)
         self._http: aiohttp.ClientSession | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._reader: asyncio.Task | None = None
@@ -73,12 +77,16 @@ class Client:
     async def connect(self) -> None:
         self._http = aiohttp.ClientSession()
         try:
-            self._ws = await self._http.ws_connect(self.url, max_msg_size=DEFAULT_MAX_FRAME_BYTES, heartbeat=10.0)
+            self._ws = await self._http.ws_connect(self.url, max_msg_size=DEFAULT_MAX_FRAME_BYTES, heartbeat=10.0, ssl=self.ssl)
         except (aiohttp.ClientError, OSError) as exc:
             await self._http.close()
             raise GrooveError("unreachable", f"relay {self.relay} is unreachable: {exc}") from None
         self._reader = asyncio.create_task(self._read())
-        welcome = await self._request(Hello(role="consumer", software=f"groove {__version__}"))
+        try:
+            welcome = await self._request(Hello(role="consumer", token=self.token, software=f"groove {__version__}"))
+        except GrooveError:
+            await self.close()
+            raise
         assert isinstance(welcome, Welcome)
         self.peer_id = welcome.peer_id
 

@@ -118,7 +118,7 @@ def run_generate(args) -> int:
         return _fail("the prompt is empty")
 
     async def main() -> Completion:
-        async with Client(args.relay) as client:
+        async with Client(args.relay, args.token, args.tls_ca) as client:
             session = await client.open_session(ref.name, sampling_from(args), fingerprint=local_fingerprint(ref), wait=args.wait)
             try:
                 on_text = None if args.json else (lambda t: (sys.stdout.write(t), sys.stdout.flush()))
@@ -183,7 +183,7 @@ def run_chat(args) -> int:
     interactive = sys.stdin.isatty()
 
     async def main() -> None:
-        async with Client(args.relay) as client:
+        async with Client(args.relay, args.token, args.tls_ca) as client:
             session = await client.open_session(ref.name, sampling_from(args), fingerprint=local_fingerprint(ref), wait=args.wait)
             if interactive:
                 print(f"chatting with {ref.name} through {len(session.pipeline)} node(s); Ctrl-D to quit", file=sys.stderr)
@@ -213,28 +213,31 @@ def run_chat(args) -> int:
     return 0
 
 
-def fetch_status(relay: str, timeout: float = 5.0) -> dict:
-    import aiohttp
+def fetch_status(relay: str, timeout: float = 5.0, token: str | None = None, tls_ca: str | None = None) -> dict:
+    """GET /status (blocking, so it works inside and outside an event loop)."""
+    import urllib.error
+    import urllib.request
 
-    from ..protocol.address import http_url
+    from ..protocol.address import client_ssl, http_url
+    from ..relay.auth import local_token
 
-    url = http_url(relay, "/status")
-
-    async def get() -> dict:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as http:
-            async with http.get(url) as resp:
-                resp.raise_for_status()
-                return await resp.json()
-
+    request = urllib.request.Request(http_url(relay, "/status"), headers={"Authorization": f"Bearer {local_token('consumer', token)}"})
+    tls = client_ssl(relay, tls_ca)
     try:
-        return asyncio.run(get())
-    except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
-        raise GrooveError("unreachable", f"relay {relay} is unreachable: {exc or type(exc).__name__}") from None
+        with urllib.request.urlopen(request, timeout=timeout, context=None if tls is True else tls) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        if exc.code == 401:
+            raise GrooveError("unauthorized", f"relay {relay} refused the token (pass --token)") from None
+        raise GrooveError("http", f"relay {relay} answered {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise GrooveError("unreachable", f"relay {relay} is unreachable: {reason}") from None
 
 
 def run_status(args) -> int:
     try:
-        status = fetch_status(args.relay)
+        status = fetch_status(args.relay, token=args.token, tls_ca=args.tls_ca)
     except GrooveError as exc:
         return _fail(exc.message)
     if args.json:

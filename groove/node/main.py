@@ -20,6 +20,7 @@ async def ask_for_layers(args, ckpt, dtype) -> tuple[int, int]:
 
     from ..models import info
     from ..protocol.messages import PlacementRequest
+    from ..relay.auth import local_token
     from ..relay.placement import parse_size
     from .worker import request_placement
 
@@ -31,7 +32,7 @@ async def ask_for_layers(args, ckpt, dtype) -> tuple[int, int]:
     request = PlacementRequest(model=ckpt.ref.name, fingerprint=ckpt.fingerprint(), num_layers=ckpt.num_layers,
                                layer_bytes=[int(b * linear_scale) for b in info.layer_bytes(ckpt)],
                                embed_bytes=int(embed * scale), head_bytes=int(head * linear_scale), max_memory=budget)
-    return await request_placement(args.relay, request)
+    return await request_placement(args.relay, request, local_token("node", args.token), args.tls_ca)
 
 
 def eos_ids(ref: checkpoint.ModelRef, config: dict) -> set[int]:
@@ -72,6 +73,7 @@ def run(args) -> int:
     except (ModelError, ValueError, FatalNodeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from ..relay.auth import local_token
     from .shard import Shard
     from .worker import NodeWorker
 
@@ -84,6 +86,8 @@ def run(args) -> int:
         hidden_size=int(ckpt.config["hidden_size"]),
         vocab_size=int(ckpt.config["vocab_size"]),
         pool=pool,
+        token=local_token("node", args.token),
+        tls_ca=args.tls_ca,
     )
     try:
         asyncio.run(worker.run_forever())

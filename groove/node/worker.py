@@ -37,7 +37,7 @@ from ..protocol.messages import (
     Result,
     Welcome,
 )
-from ..protocol.address import relay_url
+from ..protocol.address import client_ssl, relay_url
 from ..protocol.tensors import from_bytes, to_bytes
 from .sampling import sample
 from .shard import Shard, SessionState
@@ -79,7 +79,7 @@ async def expect(ws, kind):
         raise aiohttp.ClientError(f"relay closed the connection during the handshake ({msg.type.name})")
     header, _ = decode(msg.data)
     if isinstance(header, Error):
-        if header.fatal or header.code in (E.REJECTED, E.BAD_VERSION):
+        if header.fatal or header.code in (E.REJECTED, E.BAD_VERSION, E.UNAUTHORIZED):
             raise FatalNodeError(f"relay refused this node: {header.message}")
         raise aiohttp.ClientError(f"relay error: {header.message}")
     if not isinstance(header, kind):
@@ -89,7 +89,7 @@ async def expect(ws, kind):
 
 class NodeWorker:
     def __init__(self, shard: Shard, *, model: str, fingerprint: str, relay: str, eos_ids: set[int], hidden_size: int, vocab_size: int,
-                 pool: ThreadPoolExecutor):
+                 pool: ThreadPoolExecutor, token: str = "", tls_ca: str | None = None):
         self.shard = shard
         self.model = model
         self.fingerprint = fingerprint
@@ -103,6 +103,8 @@ class NodeWorker:
         self.compute_s = 0.0
         self.node_id = ""
         self.pool = pool
+        self.token = token
+        self.ssl = client_ssl(relay, tls_ca)
         self.proc = psutil.Process(os.getpid())
 
     # --- connection -------------------------------------------------------------------
@@ -113,7 +115,7 @@ class NodeWorker:
         async with aiohttp.ClientSession() as http:
             while True:
                 try:
-                    async with http.ws_connect(self.url, max_msg_size=DEFAULT_MAX_FRAME_BYTES, heartbeat=5.0) as ws:
+                    async with http.ws_connect(self.url, max_msg_size=DEFAULT_MAX_FRAME_BYTES, heartbeat=5.0, ssl=self.ssl) as ws:
                         delay = 0.5
                         await self._serve(ws, first)
                         first = False
@@ -130,7 +132,7 @@ class NodeWorker:
                 delay = min(delay * 2, MAX_BACKOFF_S)
 
     async def _serve(self, ws: aiohttp.ClientWebSocketResponse, first: bool) -> None:
-        await ws.send_bytes(encode(Hello(role="node", software=f"groove {__version__}")))
+        await ws.send_bytes(encode(Hello(role="node", token=self.token, software=f"groove {__version__}")))
         await expect(ws, Welcome)
         s = self.shard.s
         await ws.send_bytes(encode(NodeRegister(
@@ -235,15 +237,15 @@ class NodeWorker:
                 last_sent, last_time = state, time.monotonic()
 
 
-async def request_placement(relay: str, request: PlacementRequest) -> tuple[int, int]:
+async def request_placement(relay: str, request: PlacementRequest, token: str = "", tls_ca: str | None = None) -> tuple[int, int]:
     """Ask the relay which layers a ``--layers auto`` node should load, retrying with
     backoff until the relay answers."""
     delay = 0.5
     async with aiohttp.ClientSession() as http:
         while True:
             try:
-                async with http.ws_connect(relay_url(relay), heartbeat=5.0) as ws:
-                    await ws.send_bytes(encode(Hello(role="node", software=f"groove {__version__}")))
+                async with http.ws_connect(relay_url(relay), heartbeat=5.0, ssl=client_ssl(relay, tls_ca)) as ws:
+                    await ws.send_bytes(encode(Hello(role="node", token=token, software=f"groove {__version__}")))
                     await expect(ws, Welcome)
                     await ws.send_bytes(encode(request))
                     placement = await expect(ws, Placement)

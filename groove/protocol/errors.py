@@ -15,6 +15,8 @@ NODE_FAILED = "node_failed"
 BUSY = "busy"
 REJECTED = "rejected"
 EXPIRED = "expired"
+UNAUTHORIZED = "unauthorized"
+TOO_LARGE = "too_large"
 
 
 class ProtocolError(Exception):

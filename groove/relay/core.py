@@ -19,6 +19,7 @@ from .. import __version__
 from ..protocol import errors as E
 from ..protocol.errors import ProtocolError
 from ..protocol.framing import DEFAULT_MAX_FRAME_BYTES, decode, encode
+from ..protocol.tensors import check_payload
 from ..protocol.messages import (
     Cancel,
     CloseSession,
@@ -40,6 +41,7 @@ from ..protocol.messages import (
     Welcome,
 )
 from .placement import PlacementError, Shape, place
+from .auth import Tokens
 from .planner import coverage, explain_gap, plan
 from .registry import NodeInfo, Registry
 from .sessions import Session, SessionTable, Turn
@@ -53,6 +55,7 @@ MAX_NEW_TOKENS = 1 << 16
 class Send:
     conn: str
     frame: bytes
+    close: bool = False  # close the connection once this frame is sent
 
 
 @dataclass
@@ -60,11 +63,13 @@ class Peer:
     conn: str
     role: str = ""  # "" until HELLO, then "node" or "consumer"
     id: str = ""
+    connected_at: float = 0.0
 
 
 class Relay:
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME_BYTES, max_sessions_per_consumer: int = 64,
-                 node_timeout: float = 5.0, session_ttl: float = 600.0) -> None:
+                 node_timeout: float = 5.0, session_ttl: float = 600.0, auth: Tokens | None = None,
+                 handshake_timeout: float = 10.0, max_session_tokens: int = 32768) -> None:
         self.registry = Registry()
         self.sessions = SessionTable()
         self.peers: dict[str, Peer] = {}
@@ -74,6 +79,9 @@ class Relay:
         self.failovers = 0
         self.node_timeout = node_timeout
         self.session_ttl = session_ttl
+        self.auth = auth  # None: --insecure-open
+        self.handshake_timeout = handshake_timeout
+        self.max_session_tokens = max_session_tokens
         # Ranges handed to --layers auto nodes that are still loading: (model, fingerprint,
         # first, last, expiry). They count as served, so two nodes starting together split
         # the model instead of both taking the same gap.
@@ -82,7 +90,7 @@ class Relay:
     # --- connections ------------------------------------------------------------------
 
     def connect(self, conn: str) -> None:
-        self.peers[conn] = Peer(conn)
+        self.peers[conn] = Peer(conn, connected_at=time.monotonic())
 
     def disconnect(self, conn: str) -> list[Send]:
         peer = self.peers.pop(conn, None)
@@ -146,6 +154,11 @@ class Relay:
         for conn in dead:
             log.warning("no heartbeat from %s for %.1fs", self.peers[conn].id if conn in self.peers else conn, self.node_timeout)
             out += self.disconnect(conn)
+        silent = [p.conn for p in self.peers.values() if not p.role and now - p.connected_at > self.handshake_timeout]
+        for conn in silent:
+            log.warning("closing %s: no hello within %.0fs", conn, self.handshake_timeout)
+            dead.append(conn)
+            out += self.disconnect(conn)
         for s in list(self.sessions.sessions.values()):
             if s.turn is None and now - s.last_used > self.session_ttl:
                 out.append(self._error(s.consumer, E.EXPIRED, f"session idle for more than {self.session_ttl:.0f}s was closed", session=s.id))
@@ -182,6 +195,12 @@ class Relay:
         return table[peer.role].get(type(msg))
 
     def _on_hello(self, peer: Peer, msg: Hello, frame, payload) -> list[Send]:
+        if self.auth is not None and not self.auth.allows(msg.role, msg.token):
+            other = "consumer" if msg.role == "node" else "node"
+            why = (f"a {other} token cannot connect as a {msg.role}" if self.auth.allows(other, msg.token)
+                   else f"missing or wrong {msg.role} token" + ("" if msg.token else " (pass --token)"))
+            error = Error(id=msg.id, code=E.UNAUTHORIZED, message=f"not authorized: {why}", fatal=True)
+            return [Send(peer.conn, encode(error), close=True)]
         peer.role = msg.role
         peer.id = ("n-" if msg.role == "node" else "c-") + secrets.token_hex(4)
         return [Send(peer.conn, encode(Welcome(id=msg.id, peer_id=peer.id, relay_software=f"groove {__version__}")))]
@@ -284,6 +303,9 @@ class Relay:
         bad = [t for t in msg.tokens if not 0 <= t < s.vocab_size]
         if bad:
             raise ProtocolError(E.BAD_REQUEST, f"token ids {bad[:5]} are outside the vocabulary of {s.vocab_size}")
+        total = len(s.tokens) + len(msg.tokens) + msg.max_tokens
+        if total > self.max_session_tokens:
+            raise ProtocolError(E.TOO_LARGE, f"the session would reach {total} tokens, over this relay's limit of {self.max_session_tokens}")
         s.tokens.extend(msg.tokens)
         if s.processed == len(s.tokens):
             raise ProtocolError(E.BAD_REQUEST, "nothing to process: send at least one token")
@@ -314,6 +336,15 @@ class Relay:
         s, i = found
         if i + 1 >= len(s.chain):
             raise ProtocolError(E.BAD_REQUEST, "the last node of a chain sends results, not forwards")
+        node = self.registry.nodes[peer.id]
+        try:  # headers only: the payload's length against its declared shape, never its contents
+            check_payload(msg.dtype, msg.shape, len(payload))
+            if msg.shape != [1, msg.count, node.hidden_size] or msg.dtype != node.dtype:
+                raise ProtocolError(E.BAD_PAYLOAD, f"hidden states {msg.dtype}{msg.shape} do not match the model's "
+                                                   f"{node.dtype}[1, {msg.count}, {node.hidden_size}]")
+        except ProtocolError as exc:
+            out = [self._error(s.consumer, E.NODE_FAILED, f"node {peer.id} sent a bad step: {exc.message}", session=s.id)]
+            return [*out, self._error(peer.conn, exc.code, exc.message, session=s.id), *self._close_session(s)]
         return [Send(self.registry.nodes[s.chain[i + 1]].conn, frame)]
 
     def _on_result(self, peer: Peer, msg: Result, frame, payload) -> list[Send]:

@@ -1,7 +1,8 @@
 """The relay's I/O: one aiohttp server with the WebSocket (``/ws``) and HTTP on one port.
 
-Each connection gets a bounded outbound queue drained by its own writer task, so a slow
-reader applies backpressure to whoever routes frames to it instead of growing memory.
+Each connection gets a bounded outbound queue drained by its own writer task. A reader too
+slow to drain it is disconnected rather than allowed to grow the relay's memory or to stall
+the connections that route frames to it.
 """
 
 from __future__ import annotations
@@ -9,13 +10,16 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import ssl
 import statistics
+import sys
 import time
-from collections import deque
+from collections import Counter, deque
 
 from aiohttp import WSMsgType, web
 
 from ..protocol.framing import DEFAULT_MAX_FRAME_BYTES
+from . import auth
 from .core import Relay, Send
 
 log = logging.getLogger("groove.relay")
@@ -24,13 +28,19 @@ OUTBOUND_QUEUE = 1024
 
 
 class RelayServer:
-    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME_BYTES, heartbeat_s: float = 5.0, node_timeout: float = 5.0,
-                 session_ttl: float = 600.0):
-        self.relay = Relay(max_frame=max_frame, node_timeout=node_timeout, session_ttl=session_ttl)
+    def __init__(self, *, max_frame: int = DEFAULT_MAX_FRAME_BYTES, heartbeat_s: float = 5.0, node_timeout: float = 5.0,
+                 session_ttl: float = 600.0, tokens: auth.Tokens | None = None, max_connections_per_address: int = 64,
+                 handshake_timeout: float = 10.0, max_session_tokens: int = 32768, outbound_queue: int = OUTBOUND_QUEUE):
+        self.relay = Relay(max_frame=max_frame, node_timeout=node_timeout, session_ttl=session_ttl, auth=tokens,
+                           handshake_timeout=handshake_timeout, max_session_tokens=max_session_tokens)
+        self.tokens = tokens
         self.max_frame = max_frame
         self.heartbeat_s = heartbeat_s
+        self.max_connections_per_address = max_connections_per_address
+        self.outbound_queue = outbound_queue
         self.queues: dict[str, asyncio.Queue] = {}
         self.sockets: dict[str, web.WebSocketResponse] = {}
+        self.per_address: Counter[str] = Counter()
         self._ids = itertools.count(1)
         self.io: dict[str, list[int]] = {}  # conn -> [bytes in, bytes out]
         # Time from a frame's arrival to its departure on the next link: the relay's own
@@ -44,7 +54,17 @@ class RelayServer:
         app.router.add_get("/", self.index_handler)
         return app
 
+    def authorized(self, request: web.Request) -> bool:
+        if self.tokens is None:
+            return True
+        header = request.headers.get("Authorization", "")
+        token = header[7:] if header.startswith("Bearer ") else ""
+        return self.tokens.allows("consumer", token) or self.tokens.allows("node", token)
+
     async def status_handler(self, request: web.Request) -> web.Response:
+        if not self.authorized(request):
+            return web.json_response({"error": {"message": "missing or wrong token: send 'Authorization: Bearer TOKEN'",
+                                                "type": "unauthorized"}}, status=401)
         return web.json_response(self.status())
 
     def status(self) -> dict:
@@ -56,6 +76,7 @@ class RelayServer:
         status["relay"]["frames_routed"] = len(hops)
         status["relay"]["hop_ms_p50"] = round(statistics.median(hops) * 1000, 4) if hops else None
         status["relay"]["hop_ms_p99"] = round(hops[int(len(hops) * 0.99)] * 1000, 4) if hops else None
+        status["relay"]["connections"] = len(self.sockets)
         return status
 
     async def index_handler(self, request: web.Request) -> web.Response:
@@ -64,14 +85,29 @@ class RelayServer:
     async def dispatch(self, sends: list[Send], received: float | None = None) -> None:
         for send in sends:
             q = self.queues.get(send.conn)
-            if q is not None:
-                await q.put((send.frame, received))
+            if q is None:
+                continue
+            try:
+                q.put_nowait((send.frame, received, send.close))
+            except asyncio.QueueFull:
+                log.warning("dropping %s: it read none of its last %d frames", send.conn, self.outbound_queue)
+                await self.dispatch(self.relay.disconnect(send.conn))
+                ws = self.sockets.get(send.conn)
+                if ws is not None:
+                    await ws.close(code=1008, message=b"too slow to read")
 
-    async def ws_handler(self, request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse(max_msg_size=self.max_frame, heartbeat=self.heartbeat_s)
+    async def ws_handler(self, request: web.Request) -> web.StreamResponse:
+        address = request.remote or "?"
+        if self.per_address[address] >= self.max_connections_per_address:
+            return web.json_response({"error": {"message": f"more than {self.max_connections_per_address} connections from {address}",
+                                                "type": "too_many_connections"}}, status=429)
+        # The socket's own cap is twice the protocol's, so a frame a little too large gets an
+        # error envelope and the connection lives on; only absurd frames close it.
+        ws = web.WebSocketResponse(max_msg_size=2 * self.max_frame, heartbeat=self.heartbeat_s)
         await ws.prepare(request)
         conn = f"conn-{next(self._ids)}"
-        queue: asyncio.Queue = asyncio.Queue(OUTBOUND_QUEUE)
+        self.per_address[address] += 1
+        queue: asyncio.Queue = asyncio.Queue(self.outbound_queue)
         self.queues[conn] = queue
         self.sockets[conn] = ws
         self.io[conn] = io = [0, 0]
@@ -87,6 +123,7 @@ class RelayServer:
                 elif msg.type == WSMsgType.ERROR:
                     break
         finally:
+            self.per_address[address] -= 1
             self.queues.pop(conn, None)
             self.sockets.pop(conn, None)
             self.io.pop(conn, None)
@@ -102,27 +139,46 @@ class RelayServer:
             for conn in dead:
                 ws = self.sockets.get(conn)
                 if ws is not None:
-                    await ws.close(code=4000, message=b"heartbeat timeout")
+                    await ws.close(code=4000, message=b"timed out")
 
     async def _writer(self, ws: web.WebSocketResponse, queue: asyncio.Queue, io: list[int]) -> None:
         try:
             while True:
-                frame, received = await queue.get()
+                frame, received, close = await queue.get()
                 await ws.send_bytes(frame)
                 io[1] += len(frame)
                 if received is not None:
                     self.hop_s.append(time.perf_counter() - received)
+                if close:
+                    await ws.close()
+                    return
         except (ConnectionError, RuntimeError, asyncio.CancelledError):
             pass
 
 
-async def serve(host: str, port: int, *, node_timeout: float = 5.0, session_ttl: float = 600.0) -> None:
-    server = RelayServer(node_timeout=node_timeout, session_ttl=session_ttl)
+def tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    if not cert and not key:
+        return None
+    if not (cert and key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"cannot load the TLS certificate or key: {exc}") from None
+    return ctx
+
+
+async def serve(host: str, port: int, *, tokens: auth.Tokens | None, tls: ssl.SSLContext | None = None, **options) -> None:
+    server = RelayServer(tokens=tokens, **options)
     runner = web.AppRunner(server.app(), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, ssl_context=tls)
     await site.start()
-    print(f"groove relay listening on ws://{host}:{port}/ws (status: http://{host}:{port}/status)", flush=True)
+    scheme = "wss" if tls else "ws"
+    print(f"groove relay listening on {scheme}://{host}:{port}/ws (status: {'https' if tls else 'http'}://{host}:{port}/status)", flush=True)
+    if tokens is None:
+        print("WARNING: --insecure-open: anyone who can reach this port can register nodes and run generations", file=sys.stderr, flush=True)
     housekeeping = asyncio.create_task(server.housekeeping())
     try:
         await asyncio.Event().wait()
