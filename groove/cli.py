@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key", default=None)
     p.add_argument("--max-connections-per-address", type=int, default=64)
     p.add_argument("--max-session-tokens", type=int, default=32768, help="prompt plus generated tokens per session")
+    p.add_argument("--max-sessions-per-consumer", type=int, default=64, help="open sessions per consumer connection")
+    p.add_argument("--max-queued-frames", type=int, default=1024, help="frames waiting for a slow reader before it is dropped")
     p.add_argument("--handshake-timeout", type=float, default=10.0, help="seconds a new connection has to say hello")
     p.add_argument("-v", "--verbose", action="store_true")
 
@@ -175,7 +177,8 @@ def _relay(args) -> int:
     try:
         asyncio.run(serve(args.host, args.port, tokens=tokens, tls=tls, node_timeout=args.node_timeout, session_ttl=args.session_ttl,
                           max_connections_per_address=args.max_connections_per_address,
-                          max_session_tokens=args.max_session_tokens, handshake_timeout=args.handshake_timeout))
+                          max_session_tokens=args.max_session_tokens, handshake_timeout=args.handshake_timeout,
+                          max_sessions_per_consumer=args.max_sessions_per_consumer, outbound_queue=args.max_queued_frames))
     except OSError as exc:
         print(f"error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1

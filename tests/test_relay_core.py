@@ -226,3 +226,16 @@ def test_missing_ranges(ranges, n, gaps):
 
 def test_merge_ranges():
     assert merge_ranges([(4, 5), (0, 1), (2, 2), (1, 3)]) == [[0, 5]]
+
+
+def test_sessions_per_consumer_are_limited():
+    h = Harness()
+    h.relay.max_sessions_per_consumer = 2
+    h.node("A", 0, 3)
+    h.consumer("C")
+    h.consumer("D")
+    assert isinstance(h.open("C")[-1][1], M.SessionOpened)
+    assert isinstance(h.open("C")[-1][1], M.SessionOpened)
+    (_, err, _), = h.open("C")
+    assert err.code == E.BUSY and "2 open sessions" in err.message
+    assert isinstance(h.open("D")[-1][1], M.SessionOpened)  # other consumers are unaffected
