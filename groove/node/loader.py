@@ -90,7 +90,7 @@ def parse_layers(spec: str, num_layers: int) -> tuple[int, int]:
     return first, last
 
 
-def slice_config(ckpt: Checkpoint, first: int, last: int):
+def slice_config(ckpt: Checkpoint, first: int, last: int, fast_attention: bool = False):
     from transformers import CONFIG_MAPPING
 
     model_type = check_supported(ckpt.config)
@@ -100,6 +100,10 @@ def slice_config(ckpt: Checkpoint, first: int, last: int):
     if getattr(full, "layer_types", None):
         sub.layer_types = list(full.layer_types[first : last + 1])
     sub._attn_implementation = "sdpa"
+    if fast_attention:
+        from .attention import register
+
+        sub._attn_implementation = register()
     return sub
 
 
@@ -147,13 +151,13 @@ def read_tensors(path, names: list[str]):
 
 
 def load_slice(ckpt: Checkpoint, first: int, last: int, device: torch.device, dtype: torch.dtype,
-               *, pack: bool = True, quantize: str = "none") -> LoadedSlice:
+               *, pack: bool = True, quantize: str = "none", fast_attention: bool = False) -> LoadedSlice:
     from transformers import AutoModelForCausalLM
 
     from .linears import Int8Linear, pack_linears, packing_available, replace_linears
 
     t0 = time.perf_counter()
-    config = slice_config(ckpt, first, last)
+    config = slice_config(ckpt, first, last, fast_attention)
     is_first, is_last = first == 0, last == ckpt.num_layers - 1
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)

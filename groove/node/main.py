@@ -69,7 +69,8 @@ def run(args) -> int:
             import torch
 
             pool.submit(torch.set_num_threads, args.threads).result()
-        loaded = pool.submit(load_slice, ckpt, first, last, device, dtype, pack=not args.no_pack, quantize=args.quantize).result()
+        loaded = pool.submit(load_slice, ckpt, first, last, device, dtype, pack=not args.no_pack, quantize=args.quantize,
+                             fast_attention=args.fast_attention).result()
     except (ModelError, ValueError, FatalNodeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
