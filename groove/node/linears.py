@@ -55,6 +55,16 @@ def pack_linears(model: nn.Module) -> int:
     return replace_linears(model, PackedLinear, only=lambda linear: linear.bias is None)
 
 
+def linear_converter(quantize: str, pack: bool, device: torch.device, dtype: torch.dtype):
+    """What a node does to each loaded nn.Linear, and the name it reports for it:
+    int8 quantization, packing (bias-free layers only), or nothing."""
+    if quantize == "int8":
+        return (lambda linear: Int8Linear(linear, dtype)), "int8"
+    if pack and packing_available(device, dtype):
+        return (lambda linear: PackedLinear(linear) if linear.bias is None else linear), "packed"
+    return None, ""
+
+
 DEQUANTIZE_ABOVE_ROWS = 32
 
 

@@ -154,7 +154,7 @@ def load_slice(ckpt: Checkpoint, first: int, last: int, device: torch.device, dt
                *, pack: bool = True, quantize: str = "none", fast_attention: bool = False) -> LoadedSlice:
     from transformers import AutoModelForCausalLM
 
-    from .linears import Int8Linear, pack_linears, packing_available, replace_linears
+    from .linears import linear_converter
 
     t0 = time.perf_counter()
     config = slice_config(ckpt, first, last, fast_attention)
@@ -173,32 +173,27 @@ def load_slice(ckpt: Checkpoint, first: int, last: int, device: torch.device, dt
     by_file: dict[str, list[str]] = defaultdict(list)
     for name in plan:
         by_file[ckpt.tensors[name].file].append(name)
-    state: dict[str, torch.Tensor] = {}
+    convert, weights = linear_converter(quantize, pack, device, dtype)
+    # Each tensor goes into its module as soon as it is read, and a linear layer is packed
+    # or quantized as soon as its last tensor is in: only one original weight is ever held
+    # beside its converted copy, so the peak stays one slice plus its largest tensor.
     for fname, names in by_file.items():
         for name, tensor in read_tensors(hub_file(ckpt.ref, fname), names):
             tensor = tensor.to(device=device, dtype=dtype)
             for local in plan[name]:
-                state[local] = tensor
-    result = model.load_state_dict(state, strict=False, assign=True)
-    # Tied embeddings on a single node: one tensor serves both ends.
-    if is_first and is_last and "lm_head.weight" in state:
-        model.lm_head.weight = body.embed_tokens.weight if HEAD_KEY not in ckpt.tensors else model.lm_head.weight
+                module_name, _, attr = local.rpartition(".")
+                module = model.get_submodule(module_name)
+                setattr(module, attr, nn.Parameter(tensor, requires_grad=False))
+                if convert is not None and isinstance(module, nn.Linear) and not any(p.is_meta for p in module.parameters()):
+                    parent_name, _, child = module_name.rpartition(".")
+                    setattr(model.get_submodule(parent_name) if parent_name else model, child, convert(module))
+            del tensor
     # inv_freq is computed, not stored in checkpoints: build the rotary embedding for real.
     body.rotary_emb = type(body.rotary_emb)(config=config).to(device)
     left_on_meta = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if left_on_meta:
-        raise ModelError(f"tensors missing from the checkpoint for this slice: {left_on_meta[:5]} (unexpected: {result.unexpected_keys[:3]})")
+        raise ModelError(f"tensors missing from the checkpoint for this slice: {left_on_meta[:5]}")
     model.eval()
-    # Drop every reference to the loaded weights before converting them, so each original
-    # is freed as soon as its packed or quantized copy exists: the peak stays one slice.
-    del state, tensor
-    weights = ""
-    if quantize == "int8":
-        replace_linears(model, lambda linear: Int8Linear(linear, dtype))
-        weights = "int8"
-    elif pack and packing_available(device, dtype):
-        pack_linears(model)
-        weights = "packed"
     return LoadedSlice(
         model=model,
         config=config,

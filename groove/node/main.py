@@ -35,6 +35,23 @@ async def ask_for_layers(args, ckpt, dtype) -> tuple[int, int]:
     return await request_placement(args.relay, request, local_token("node", args.token), args.tls_ca)
 
 
+def set_mmap_threshold(nbytes: int) -> None:
+    """glibc raises its mmap threshold each time a large block is freed, after which freed
+    weights stay in the heap instead of going back to the system: loading and converting a
+    slice left a node 240 MB larger (measured). While loading, a 1 MiB threshold keeps every
+    weight-sized block mapped on its own, so it is returned when freed; afterwards a 32 MiB
+    threshold lets activations reuse heap memory instead of faulting in fresh pages (a 1 MiB
+    threshold made a 512-token prefill 10% slower)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, nbytes)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def eos_ids(ref: checkpoint.ModelRef, config: dict) -> set[int]:
     """The ids that end a generation, as transformers' generate() would use them."""
     gen = checkpoint.hub_file(ref, "generation_config.json", required=False)
@@ -50,6 +67,7 @@ def eos_ids(ref: checkpoint.ModelRef, config: dict) -> set[int]:
 
 def run(args) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    set_mmap_threshold(1 << 20)
     try:
         ckpt = checkpoint.load(args.model, args.model_name)
         check_supported(ckpt.config)
@@ -74,6 +92,7 @@ def run(args) -> int:
     except (ModelError, ValueError, FatalNodeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    set_mmap_threshold(32 << 20)
     from ..relay.auth import local_token
     from .shard import Shard
     from .worker import NodeWorker
