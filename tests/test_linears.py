@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from groove.node.linears import Int8Linear, PackedLinear, pack_linears, packing_available, replace_linears
+from groove.node.linears import Int8Linear, PackedLinear, linear_converter, packing_available, replace_linears
 
 
 @pytest.mark.skipif(not packing_available(torch.device("cpu"), torch.bfloat16), reason="oneDNN is not available")
@@ -19,10 +19,19 @@ def test_packed_bfloat16_is_bit_identical(shape, m):
     assert torch.equal(PackedLinear(lin)(x), lin(x))
 
 
+@pytest.mark.skipif(not packing_available(torch.device("cpu"), torch.bfloat16), reason="oneDNN is not available")
 def test_layers_with_a_bias_are_not_packed():
     model = nn.Sequential(nn.Linear(8, 8, bias=True), nn.Linear(8, 8, bias=False)).to(torch.bfloat16)
-    assert pack_linears(model) == 1
-    assert isinstance(model[0], nn.Linear) and isinstance(model[1], PackedLinear)
+    convert, weights = linear_converter("none", True, torch.device("cpu"), torch.bfloat16)
+    replace_linears(model, convert)
+    assert weights == "packed" and isinstance(model[0], nn.Linear) and isinstance(model[1], PackedLinear)
+
+
+def test_converter_choice():
+    cpu = torch.device("cpu")
+    assert linear_converter("none", True, cpu, torch.float32) == (None, "")  # float32 stays on MKL
+    assert linear_converter("none", False, cpu, torch.bfloat16) == (None, "")
+    assert linear_converter("int8", True, cpu, torch.float32)[1] == "int8"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

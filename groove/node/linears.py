@@ -23,11 +23,11 @@ import torch
 from torch import nn
 
 
-def replace_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module], only=lambda linear: True) -> int:
-    """Swap every nn.Linear under ``model`` that ``only`` accepts for ``make(linear)``; returns how many."""
+def replace_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> int:
+    """Swap every nn.Linear under ``model`` for ``make(linear)``; returns how many were visited."""
     # Names only: holding the modules would keep every original weight alive until the
     # end, doubling the peak memory of the conversion.
-    names = [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear) and only(mod)]
+    names = [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -49,10 +49,6 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
-
-
-def pack_linears(model: nn.Module) -> int:
-    return replace_linears(model, PackedLinear, only=lambda linear: linear.bias is None)
 
 
 def linear_converter(quantize: str, pack: bool, device: torch.device, dtype: torch.dtype):
