@@ -302,3 +302,24 @@ def test_tls_with_a_self_made_certificate(model_paths, tmp_path):
         if node:
             node.stop()
         relay.stop()
+
+
+def test_a_reader_that_falls_behind_is_dropped_not_buffered():
+    """The outbound queue is bounded; when a connection's is full the relay drops that
+    connection (and closes its sessions) instead of waiting on it or growing memory."""
+    from groove.relay.server import RelayServer
+
+    async def run():
+        server = RelayServer(tokens=None, outbound_queue=2)
+        relay = server.relay
+        relay.connect("slow")
+        relay.receive("slow", encode(M.Hello(role="consumer")))
+        server.queues["slow"] = asyncio.Queue(2)
+        frames = [encode(M.Result(session="s", token=i)) for i in range(3)]
+        from groove.relay.core import Send
+
+        await server.dispatch([Send("slow", f) for f in frames])
+        return "slow" in relay.peers, server.queues["slow"].qsize()
+
+    still_connected, queued = asyncio.run(run())
+    assert not still_connected and queued == 2
