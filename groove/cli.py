@@ -187,15 +187,24 @@ def _relay(args) -> int:
     return 0
 
 
-def _print_join(args, tokens, path, created: bool, tls: bool) -> None:
+def _lan_address() -> str:
+    """This machine's first non-loopback IPv4 address, for the join command (read from the
+    interfaces, no packet sent)."""
     import socket
 
+    import psutil
+
+    for addrs in psutil.net_if_addrs().values():
+        for a in addrs:
+            if a.family == socket.AF_INET and not a.address.startswith(("127.", "169.254.")):
+                return a.address
+    return "THIS-HOST"
+
+
+def _print_join(args, tokens, path, created: bool, tls: bool) -> None:
     host = args.host
     if host in ("0.0.0.0", "::", ""):
-        try:
-            host = socket.gethostbyname(socket.gethostname())
-        except OSError:
-            host = "THIS-HOST"
+        host = _lan_address()
     relay = f"{'wss://' if tls else ''}{host}:{args.port}"
     print(f"{'created' if created else 'using'} access tokens in {path} (commands on this machine find them there)")
     print(f"  on another machine, join a node with:  groove node --model MODEL --layers auto --relay {relay} --token {tokens.node[0]}")
