@@ -101,6 +101,7 @@ class NodeWorker:
         self.sessions: dict[str, SessionState] = {}
         self.tokens_processed = 0
         self.compute_s = 0.0
+        self.steps = 0
         self.node_id = ""
         self.pool = pool
         self.token = token
@@ -193,6 +194,7 @@ class NodeWorker:
                 t0 = time.perf_counter()
                 frame = await loop.run_in_executor(self.pool, self._step, msg, payload, state)
                 self.compute_s += time.perf_counter() - t0
+                self.steps += 1
             except Exception as exc:  # any failure of a step must reach the consumer, not kill the node
                 log.exception("step failed for session %s", msg.session)
                 self.sessions.pop(msg.session, None)
@@ -232,7 +234,7 @@ class NodeWorker:
             state = (len(self.sessions), self.tokens_processed, self.compute_s)
             # Report promptly after work, and at least every HEARTBEAT_S while idle.
             if state != last_sent or time.monotonic() - last_time >= HEARTBEAT_S:
-                await ws.send_bytes(encode(Heartbeat(src=self.node_id, sessions=state[0], tokens_processed=state[1], compute_s=state[2],
+                await ws.send_bytes(encode(Heartbeat(src=self.node_id, sessions=state[0], tokens_processed=state[1], compute_s=state[2], steps=self.steps,
                                                      rss_bytes=self.proc.memory_info().rss, peak_rss_bytes=peak_rss_bytes())))
                 last_sent, last_time = state, time.monotonic()
 

@@ -89,6 +89,7 @@ class Registered(Envelope, tag="registered"):
 class Heartbeat(Envelope, tag="heartbeat"):
     sessions: int = 0
     tokens_processed: int = 0
+    steps: int = 0
     compute_s: float = 0.0
     rss_bytes: int = 0
     peak_rss_bytes: int = 0

@@ -42,6 +42,7 @@ from ..protocol.messages import (
 )
 from .placement import PlacementError, Shape, place
 from .auth import Tokens
+from .metrics import TokenRate
 from .planner import coverage, explain_gap, plan
 from .registry import NodeInfo, Registry
 from .sessions import Session, SessionTable, Turn
@@ -77,6 +78,9 @@ class Relay:
         self.max_sessions_per_consumer = max_sessions_per_consumer
         self.started = time.time()
         self.failovers = 0
+        self.sessions_opened = 0
+        self.tokens_generated = 0
+        self.token_rate = TokenRate()
         self.node_timeout = node_timeout
         self.session_ttl = session_ttl
         self.auth = auth  # None: --insecure-open
@@ -249,6 +253,7 @@ class Relay:
             node.tokens_processed = msg.tokens_processed
             node.cached_sessions = msg.sessions
             node.compute_s = msg.compute_s
+            node.steps = msg.steps
             node.rss_bytes, node.peak_rss_bytes = msg.rss_bytes, msg.peak_rss_bytes
         return []
 
@@ -282,6 +287,7 @@ class Relay:
         session = Session(id=sid, consumer=peer.conn, model=msg.model, fingerprint=head.fingerprint,
                           chain=[n.id for n in chain], vocab_size=chain[-1].vocab_size, sampling=msg.sampling)
         self.sessions.add(session)
+        self.sessions_opened += 1
         out = self._configure(session, chain)
         out.append(Send(peer.conn, encode(SessionOpened(
             id=msg.id, session=sid, model=msg.model, fingerprint=head.fingerprint,
@@ -360,6 +366,8 @@ class Relay:
         out = [Send(s.consumer, frame)]
         s.tokens.append(msg.token)
         turn.generated += 1
+        self.tokens_generated += 1
+        self.token_rate.add()
         s.last_used = time.monotonic()
         if msg.finish:
             s.turn = None

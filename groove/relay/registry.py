@@ -26,6 +26,7 @@ class NodeInfo:
     tokens_processed: int = 0
     cached_sessions: int = 0  # the node's own count of sessions holding a KV cache
     compute_s: float = 0.0
+    steps: int = 0
     sessions: set[str] = field(default_factory=set)
     registered_at: float = field(default_factory=time.monotonic)
     last_seen: float = field(default_factory=time.monotonic)

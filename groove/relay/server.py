@@ -53,6 +53,7 @@ class RelayServer:
         app = web.Application(client_max_size=1 << 20)
         app.router.add_get("/ws", self.ws_handler)
         app.router.add_get("/status", self.status_handler)
+        app.router.add_get("/metrics", self.metrics_handler)
         app.router.add_get("/", self.index_handler)
         return app
 
@@ -68,6 +69,13 @@ class RelayServer:
             return web.json_response({"error": {"message": "missing or wrong token: send 'Authorization: Bearer TOKEN'",
                                                 "type": "unauthorized"}}, status=401)
         return web.json_response(self.status())
+
+    async def metrics_handler(self, request: web.Request) -> web.Response:
+        if not self.authorized(request):
+            return web.Response(status=401, text="missing or wrong token: send 'Authorization: Bearer TOKEN'\n")
+        from .metrics import render
+
+        return web.Response(body=render(self), content_type="text/plain", charset="utf-8")
 
     def status(self) -> dict:
         status = self.relay.status()
