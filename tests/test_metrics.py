@@ -62,3 +62,39 @@ def test_metrics_parse_and_move(model_paths):
             assert after[key] - before.get(key, 0) == len(PROMPT) + 7  # the last token is never fed back
             assert value(after, "groove_node_step_seconds", **labels) > 0
             assert value(after, "groove_node_healthy", **labels) == 1
+
+
+def test_status_page_is_served_without_data_and_polls_status(model_paths):
+    with LocalCluster(model_paths["qwen2"], [(0, 3)]) as cluster:
+        with urllib.request.urlopen(f"http://{cluster.address}/", timeout=5) as r:
+            page = r.read().decode()
+            assert r.headers["Content-Type"].startswith("text/html")
+        assert "<title>Groove relay</title>" in page and 'fetch("/status"' in page
+        from .test_pipeline import status
+
+        (node,) = status(cluster.address)["nodes"]
+        assert node["id"] not in page  # no data baked into the page: the script fetches it
+
+
+def test_status_page_in_headless_chromium(model_paths, tmp_path):
+    import shutil
+    import subprocess
+
+    from .test_pipeline import status
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("headless Chromium is not installed (Debian package 'chromium')")
+    with LocalCluster(model_paths["qwen2"], [(0, 1), (2, 3)]) as cluster:
+        url = f"http://{cluster.address}/#token={auth.local_token('consumer')}"
+        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1000,700", "--virtual-time-budget=5000"]
+        dom = subprocess.run([browser, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+        shot = tmp_path / "status.png"
+        subprocess.run([browser, *flags, f"--screenshot={shot}", url], capture_output=True, timeout=120)
+        nodes = status(cluster.address)["nodes"]
+    for n in nodes:
+        assert n["id"] in dom and f"{n['layers'][0]}-{n['layers'][1]}" in dom
+    assert "complete" in dom and "qwen2" in dom
+    assert shot.is_file() and shot.stat().st_size > 5000

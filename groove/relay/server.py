@@ -15,6 +15,7 @@ import statistics
 import sys
 import time
 from collections import Counter, deque
+from pathlib import Path
 
 from aiohttp import WSMsgType, web
 
@@ -25,6 +26,7 @@ from .core import Relay, Send
 log = logging.getLogger("groove.relay")
 
 OUTBOUND_QUEUE = 1024
+STATUS_PAGE = (Path(__file__).parent / "status_page.html").read_text(encoding="utf-8")
 
 
 class RelayServer:
@@ -90,7 +92,8 @@ class RelayServer:
         return status
 
     async def index_handler(self, request: web.Request) -> web.Response:
-        return web.Response(text="Groove relay. WebSocket at /ws, JSON status at /status.\n")
+        # The page holds no data: its script polls /status with the viewer's token.
+        return web.Response(text=STATUS_PAGE, content_type="text/html")
 
     async def dispatch(self, sends: list[Send], received: float | None = None) -> None:
         for send in sends:
