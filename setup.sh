@@ -2,7 +2,7 @@
 # Groove setup: creates .venv at the repo root and installs Groove with its dependencies.
 # Idempotent: a second run only checks. Flags:
 #   --smoke          then run `groove demo` (relay + 2 nodes + a checked generation)
-#   --test           then run the test suite
+#   --test           then run the test suite (installing Debian's chromium for the browser test when it can)
 #   --status [RELAY] then show a relay's nodes and coverage (default 127.0.0.1:8770)
 #   --info MODEL     then show a model's layers, sizes and recommended splits
 set -euo pipefail
@@ -46,7 +46,16 @@ echo "setup: activate with 'source $VENV/bin/activate', or run '$VENV/bin/groove
 case "${1:-}" in
     "") ;;
     --smoke) exec "$VENV/bin/groove" demo ;;
-    --test) shift; exec "$PY" -m pytest "$@" ;;
+    --test)
+        shift
+        # The status page test drives headless Chromium; install it where we can (Debian,
+        # as root), otherwise that one test is skipped and says why.
+        if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+            echo "setup: installing Debian's chromium for the status page test"
+            (timeout 600 apt-get update -qq && DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -qq chromium) >/dev/null 2>&1 \
+                || echo "setup: could not install chromium; the browser test will be skipped"
+        fi
+        exec "$PY" -m pytest "$@" ;;
     --status) exec "$VENV/bin/groove" status --relay "${2:-127.0.0.1:8770}" ;;
     --info)
         if [ -z "${2:-}" ]; then echo "error: --info needs a MODEL (a checkpoint directory or hub id)" >&2; exit 2; fi
