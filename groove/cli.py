@@ -241,12 +241,9 @@ def _info(args) -> int:
     table.add_column("nodes")
     table.add_column("layers per node")
     table.add_column("MiB per node")
-    sizes = desc["layer_bytes"]
+    shape = info.Shape(desc["num_layers"], desc["layer_bytes"], desc["embedding_bytes"], desc["head_bytes"])
     for n, ranges in desc["splits"].items():
-        mibs = []
-        for i, (a, b) in enumerate(ranges):
-            total = sum(sizes[a : b + 1]) + (desc["embedding_bytes"] if a == 0 else 0) + (desc["head_bytes"] if b == len(sizes) - 1 else 0)
-            mibs.append(f"{total / mib:.1f}")
+        mibs = [f"{shape.cost(a, b) / mib:.1f}" for a, b in ranges]
         table.add_row(n, "  ".join(f"{a}-{b}" for a, b in ranges), "  ".join(mibs))
     console.print(table)
     net = desc.get("network")
@@ -266,7 +263,8 @@ def _network_plan(args, ckpt, desc) -> dict:
     """The model as a relay serves it now, and where the placement rule would put the next node."""
     from .consumer.client import GrooveError
     from .consumer.commands import fetch_status
-    from .relay.placement import PlacementError, Shape, parse_size, place
+    from .models.info import Shape
+    from .relay.placement import PlacementError, parse_size, place
     from .relay.registry import merge_ranges
 
     try:

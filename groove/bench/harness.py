@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 import statistics
 import subprocess
@@ -41,13 +42,7 @@ def weight_bytes_per_token(ckpt: checkpoint.Checkpoint, dtype: str, quantize: st
     shapes = [t.shape for name, t in ckpt.tensors.items() if name != EMBED_KEY]
     if HEAD_KEY not in ckpt.tensors and EMBED_KEY in ckpt.tensors:
         shapes.append(ckpt.tensors[EMBED_KEY].shape)
-    total = 0
-    for shape in shapes:
-        n = 1
-        for d in shape:
-            n *= d
-        total += n * (1 if quantize == "int8" and len(shape) == 2 else DTYPE_BYTES[dtype])
-    return total
+    return sum(math.prod(shape) * (1 if quantize == "int8" and len(shape) == 2 else DTYPE_BYTES[dtype]) for shape in shapes)
 
 
 def prompt_ids(vocab: int, n: int, seed: int = 0) -> list[int]:

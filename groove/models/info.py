@@ -2,7 +2,32 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
+
 from .checkpoint import EMBED_KEY, HEAD_KEY, LAYER_KEY, Checkpoint
+
+
+@dataclass
+class Shape:
+    """What a node holds for layers ``first..last``: those layers, plus the embedding on
+    the first node and the norm and LM head on the last. Splits, automatic placement and
+    ``groove info`` all size ranges with ``cost``."""
+
+    num_layers: int
+    layer_bytes: list[int]
+    embed_bytes: int
+    head_bytes: int
+    _prefix: list[int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._prefix = [0]
+        for b in self.layer_bytes:
+            self._prefix.append(self._prefix[-1] + b)
+
+    def cost(self, first: int, last: int) -> int:
+        return (self._prefix[last + 1] - self._prefix[first] + (self.embed_bytes if first == 0 else 0)
+                + (self.head_bytes if last == self.num_layers - 1 else 0))
 
 
 def layer_bytes(ckpt: Checkpoint) -> list[int]:
@@ -28,12 +53,10 @@ def balanced_split(sizes: list[int], first_extra: int, last_extra: int, parts: i
     n = len(sizes)
     if parts > n:
         return None
-    prefix = [0]
-    for s in sizes:
-        prefix.append(prefix[-1] + s)
+    shape = Shape(n, sizes, first_extra, last_extra)
 
     def cost(i: int, j: int) -> int:  # layers i..j-1 on one node
-        return prefix[j] - prefix[i] + (first_extra if i == 0 else 0) + (last_extra if j == n else 0)
+        return shape.cost(i, j - 1)
 
     inf = float("inf")
     best = [[inf] * (n + 1) for _ in range(parts + 1)]
@@ -70,7 +93,7 @@ def describe(ckpt: Checkpoint) -> dict:
         "num_layers": ckpt.num_layers,
         "hidden_size": cfg.get("hidden_size"),
         "vocab_size": cfg.get("vocab_size"),
-        "num_parameters": sum(_numel(t.shape) for t in ckpt.tensors.values()),
+        "num_parameters": sum(math.prod(t.shape) for t in ckpt.tensors.values()),
         "total_bytes": sum(t.nbytes for t in ckpt.tensors.values()),
         "bytes_per_layer": max(sizes) if sizes else 0,
         "layer_bytes": sizes,
@@ -80,9 +103,3 @@ def describe(ckpt: Checkpoint) -> dict:
         "splits": splits,
     }
 
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

@@ -7,7 +7,7 @@ next node, or, on the last node, the logits of the final position.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -26,8 +26,6 @@ class SessionState:
     cache: object
     generator: torch.Generator
     tokens_seen: int = 0
-    last_used: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 class Shard:

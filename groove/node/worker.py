@@ -212,7 +212,6 @@ class NodeWorker:
                 raise ProtocolError(E.BAD_PAYLOAD, f"hidden states of shape {msg.shape} do not match [1, {msg.count}, {self.hidden_size}]")
             out = shard.step(state, msg.start, hidden=from_bytes(payload, msg.dtype, msg.shape))
         self.tokens_processed += msg.count
-        state.last_used = time.monotonic()
         if not shard.is_last:
             dtype, shape, raw = to_bytes(out)
             nxt = Forward(session=msg.session, seq=msg.seq, src=self.node_id, start=msg.start, count=msg.count,

@@ -64,7 +64,3 @@ def _raise_version_error(header: memoryview) -> None:
         return
     if probe.v != PROTOCOL_VERSION and probe.v != -1:
         raise ProtocolError(BAD_VERSION, f"protocol version {probe.v} is not supported (this peer speaks {PROTOCOL_VERSION})")
-
-
-def peek_header(frame: bytes | bytearray | memoryview) -> Message:
-    return decode(frame)[0]

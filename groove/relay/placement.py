@@ -8,23 +8,13 @@ redundancy that fits its memory, preferring the largest such range.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from ..models.info import Shape
+
+__all__ = ["PlacementError", "Shape", "parse_size", "place"]
 
 
 class PlacementError(Exception):
     pass
-
-
-@dataclass
-class Shape:
-    num_layers: int
-    layer_bytes: list[int]
-    embed_bytes: int
-    head_bytes: int
-
-    def cost(self, first: int, last: int) -> int:
-        return (sum(self.layer_bytes[first : last + 1]) + (self.embed_bytes if first == 0 else 0)
-                + (self.head_bytes if last == self.num_layers - 1 else 0))
 
 
 def place(shape: Shape, budget: int, served: list[tuple[int, int]]) -> tuple[int, int]:
