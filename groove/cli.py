@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-pack", action="store_true", help="keep plain nn.Linear (no prepacked bfloat16 weights on CPU)")
     p.add_argument("--fast-attention", action="store_true",
                    help="faster single-token attention for grouped-query models; rounds differently from transformers")
+    p.add_argument("--prefill-chunk", type=_chunk, default=0, metavar="auto|N",
+                   help="prompt tokens per forward pass while other sessions are streaming (default auto: a pass with a "
+                        "chunk costs about 1.5 decode passes more, measured on this node)")
+    p.add_argument("--max-batch", type=_positive, default=64, help="sessions in one forward pass at most")
     p.add_argument("-v", "--verbose", action="store_true")
 
     p = sub.add_parser("generate", help="generate text from a prompt")
@@ -111,6 +115,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--model", default=None, help="checkpoint to demo (default: the built-in one)")
     return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _chunk(text: str) -> int:
+    return 0 if text == "auto" else _positive(text)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -239,3 +239,40 @@ def test_sessions_per_consumer_are_limited():
     (_, err, _), = h.open("C")
     assert err.code == E.BUSY and "2 open sessions" in err.message
     assert isinstance(h.open("D")[-1][1], M.SessionOpened)  # other consumers are unaffected
+
+
+def test_tokenizer_files_are_asked_for_once_per_checkpoint_and_dropped_with_its_last_node():
+    h = Harness()
+    files = {"tokenizer.json": b"{}", "tokenizer_config.json": b"{}"}
+
+    def register(conn, fp="f"):
+        h.relay.connect(conn)
+        h.send(conn, M.Hello(role="node"))
+        (_, reg, _), = h.send(conn, M.NodeRegister(model="m", fingerprint=fp, num_layers=4, layers=M.Range(0, 3), device="cpu",
+                                                   dtype="float32", hidden_size=8, vocab_size=100, tokenizer_digest="d1"))
+        return reg
+
+    assert register("A").send_tokenizer
+    (_, err, _), = h.send("A", M.TokenizerFiles(model="m", fingerprint="f", files={"../../etc/passwd": b"x"}))
+    assert err.code == E.BAD_REQUEST and "passwd" in err.message
+    (_, err, _), = h.send("A", M.TokenizerFiles(model="other", fingerprint="f", files=files))
+    assert err.code == E.BAD_REQUEST
+    assert h.send("A", M.TokenizerFiles(model="m", fingerprint="f", files=files)) == []
+    assert h.relay.tokenizer_files[("m", "f")] == files
+    assert not register("B").send_tokenizer  # the relay already has them
+    assert register("C", fp="g").send_tokenizer  # another checkpoint under the same name
+    h.relay.disconnect("A")
+    assert ("m", "f") in h.relay.tokenizer_files  # B still serves it
+    h.relay.disconnect("B")
+    assert ("m", "f") not in h.relay.tokenizer_files
+
+
+def test_local_consumer_uses_the_same_session_path():
+    h = Harness()
+    h.node("A", 0, 3)
+    h.relay.connect_local("api-1")
+    out = h.send("api-1", M.OpenSession(id=1, model="m"))
+    assert isinstance(out[-1][1], M.SessionOpened) and out[-1][0] == "api-1"
+    assert h.relay.sessions.of_consumer("api-1")
+    closes = h.relay.disconnect("api-1")
+    assert [decode(s.frame)[0].__class__ for s in closes] == [M.CloseSession] and not h.relay.sessions.sessions

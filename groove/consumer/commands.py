@@ -12,7 +12,7 @@ from ..models import checkpoint
 from ..models.checkpoint import ModelError
 from ..protocol.messages import Sampling
 from .client import Client, GrooveError, SessionInfo
-from .tokenizer import StreamDecoder, load_tokenizer
+from .tokenizer import StreamDecoder, load_tokenizer, render_chat
 
 
 @dataclass
@@ -148,13 +148,9 @@ class Conversation:
         self.tok = tokenizer
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
         self.sent: list[int] = []  # every token the session holds, prompts and replies
-        self.templated = bool(getattr(tokenizer, "chat_template", None))
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
-        if self.templated:
-            return list(self.tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False))
-        text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
-        return self.tok.encode(text + ("Assistant:" if add_generation_prompt else ""))
+        return render_chat(self.tok, messages, add_generation_prompt)
 
     def next_input(self, user_text: str) -> list[int]:
         self.messages.append({"role": "user", "content": user_text})

@@ -25,7 +25,10 @@ def tokenizer_dir(ref: ModelRef) -> Path:
 
 
 def load_tokenizer(ref: ModelRef):
-    path = tokenizer_dir(ref)
+    return load_tokenizer_from(tokenizer_dir(ref))
+
+
+def load_tokenizer_from(path: Path):
     try:
         if (path / "tokenizer.json").is_file():
             from transformers import PreTrainedTokenizerFast
@@ -58,3 +61,48 @@ class StreamDecoder:
 
     def text(self) -> str:
         return self.tok.decode(self.ids, skip_special_tokens=self.skip)
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character at the very end)."""
+        text = self.text()
+        delta, self.emitted = text[self.emitted :], len(text)
+        return delta
+
+
+def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of a conversation in the model's own chat template; models without one get
+    plain "Role: text" lines. ``groove chat`` and the relay's chat API both render here."""
+    if getattr(tokenizer, "chat_template", None):
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False))
+    text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
+    return tokenizer.encode(text + ("Assistant:" if add_generation_prompt else ""))
+
+
+class StopFilter:
+    """Cuts a text stream before the first stop string to appear in it. Text that might be
+    the start of a stop string is held back until the next delta shows whether it is."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+        self.stopped = False
+
+    def push(self, delta: str) -> str:
+        if self.stopped:
+            return ""
+        self.pending += delta
+        # The stop string completed first wins (the longest, if several end together), so
+        # the cut does not depend on how the text arrived in pieces.
+        hits = [(i + len(s), -len(s), i) for s in self.stops if (i := self.pending.find(s)) >= 0]
+        if hits:
+            self.stopped = True
+            out, self.pending = self.pending[: min(hits)[2]], ""
+            return out
+        hold = max((k for s in self.stops for k in range(min(len(s) - 1, len(self.pending)), 0, -1)
+                    if self.pending.endswith(s[:k])), default=0)
+        out, self.pending = self.pending[: len(self.pending) - hold], self.pending[len(self.pending) - hold :]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = ("" if self.stopped else self.pending), ""
+        return out

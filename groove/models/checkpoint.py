@@ -120,6 +120,36 @@ def hub_file(ref: ModelRef, filename: str, required: bool = True) -> Path | None
         raise ModelError(f"cannot fetch {filename} of {ref.source} from the hub: {exc}") from None
 
 
+MAX_TOKENIZER_BYTES = 64 << 20
+
+
+def tokenizer_files(ref: ModelRef) -> dict[str, bytes]:
+    """The checkpoint's tokenizer files by name (downloaded for hub ids), for a node to hand
+    to the relay. Empty when there are none or they cannot be fetched: the node still
+    serves, only the relay's HTTP API cannot tokenize for this model."""
+    if ref.local_dir is not None:
+        folder = ref.local_dir
+    else:
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = Path(snapshot_download(ref.source, allow_patterns=TOKENIZER_PATTERNS))
+        except Exception:  # the hub client raises many kinds of network errors
+            return {}
+    files = {name: (folder / name).read_bytes() for name in TOKENIZER_PATTERNS if (folder / name).is_file()}
+    if not ({"tokenizer.json", "tokenizer.model", "vocab.json"} & files.keys()) or sum(map(len, files.values())) > MAX_TOKENIZER_BYTES:
+        return {}
+    return files
+
+
+def files_digest(files: dict[str, bytes]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(files):
+        h.update(f"{name}\0{len(files[name])}\0".encode())
+        h.update(files[name])
+    return h.hexdigest()[:16] if files else ""
+
+
 def read_config(ref: ModelRef) -> dict:
     path = hub_file(ref, "config.json")
     try:

@@ -35,3 +35,76 @@ def register() -> str:
 
     AttentionInterface.register(NAME, packed_gqa_attention)
     return NAME
+
+
+BATCHED = "groove_batched"
+
+
+class Batch:
+    """Where each session's piece lies in a batched sequence. Passed to the decoder layers
+    as their ``cache`` (``update`` files each piece's new keys and values in its session's
+    own cache) and as their ``attention_mask`` (read back by ``batched_attention``)."""
+
+    def __init__(self, inner: str):
+        self.inner = inner
+        self.caches: list = []
+        self.starts: list[int] = []
+        self.offsets: list[int] = []
+        self.counts: list[int] = []
+        self.full: list[tuple[torch.Tensor, torch.Tensor]] = []  # this layer's whole keys/values per piece
+
+    def add(self, cache, start: int, offset: int, count: int) -> None:
+        self.caches.append(cache)
+        self.starts.append(start)
+        self.offsets.append(offset)
+        self.counts.append(count)
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if len(self.caches) == 1:
+            self.full = [self.caches[0].update(key, value, layer_idx)]
+        else:
+            self.full = [cache.update(key[:, :, a : a + n], value[:, :, a : a + n], layer_idx)
+                         for cache, a, n in zip(self.caches, self.offsets, self.counts)]
+        return key, value
+
+    def mask(self, i: int, device, sliding_window: int | None) -> torch.Tensor | None:
+        """The mask transformers would build for this piece alone: none where SDPA's own
+        causal flag (or no mask at all, for one query) says the same."""
+        start, n = self.starts[i], self.counts[i]
+        windowed = sliding_window is not None and start + n > sliding_window
+        if (start == 0 or n == 1) and not windowed:
+            return None
+        q = torch.arange(start, start + n, device=device)[:, None]
+        k = torch.arange(start + n, device=device)[None, :]
+        allowed = k <= q
+        if sliding_window is not None:
+            allowed &= q - k < sliding_window
+        return allowed[None, None]
+
+
+def batched_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Each piece attends to its own session's cache, with the attention function the node
+    would use for that piece alone; the outputs are laid end to end again."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    batch: Batch = attention_mask
+    inner = packed_gqa_attention if batch.inner == NAME else sdpa_attention_forward
+    window = kwargs.pop("sliding_window", None)
+    outs = []
+    for i, (k, v) in enumerate(batch.full):
+        a, n = batch.offsets[i], batch.counts[i]
+        q = query if len(batch.full) == 1 else query[:, :, a : a + n]
+        out, _ = inner(module, q, k, v, batch.mask(i, query.device, window), dropout=dropout, scaling=scaling, **kwargs)
+        outs.append(out)
+    return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)), None
+
+
+def use_batched(config) -> str:
+    """Route the model's attention through ``batched_attention``; returns the attention the
+    node used before (``sdpa``, or the packed one of ``--fast-attention``) for each piece."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(BATCHED, batched_attention)
+    inner = config._attn_implementation
+    config._attn_implementation = BATCHED
+    return inner

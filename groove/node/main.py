@@ -108,6 +108,10 @@ def run(args) -> int:
         pool=pool,
         token=local_token("node", args.token),
         tls_ca=args.tls_ca,
+        max_positions=int(ckpt.config.get("max_position_embeddings") or 0),
+        tokenizer=checkpoint.tokenizer_files(ckpt.ref),
+        prefill_chunk=args.prefill_chunk,
+        max_batch=args.max_batch,
     )
     try:
         asyncio.run(worker.run_forever())

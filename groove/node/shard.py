@@ -1,8 +1,13 @@
-"""Run one step of one session through this node's slice.
+"""One forward pass through this node's slice for a batch of pieces of different sessions.
 
-Each session owns a transformers ``DynamicCache`` sized to the slice's own layers; a step
-appends ``count`` positions starting at ``start`` and returns the hidden states for the
-next node, or, on the last node, the logits of the final position.
+Decoding is memory-bound: a pass for eight sessions reads the same weights as a pass for
+one. So the pieces (a decode token, or a chunk of a prompt, or the hidden states of either)
+are laid end to end as one sequence ``[1, total, hidden]``: every linear layer, norm and
+MLP runs once over all of them, each token with its own session's position. Only attention
+is per piece, against that session's own KV cache (a transformers ``DynamicCache`` sized to
+the slice's layers), through ``attention.batched_attention``. A batch of one piece takes
+the same kernels with the same shapes as transformers' own forward, so a session alone
+gets transformers' results bit for bit.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..protocol.messages import Sampling
+from . import attention
 from .loader import LoadedSlice
 from .sampling import make_generator
 
@@ -28,11 +34,29 @@ class SessionState:
     tokens_seen: int = 0
 
 
+@dataclass
+class Piece:
+    """``count`` positions of one session starting at ``start``: token ids on the first
+    node, hidden states ``[1, count, hidden]`` on the others."""
+
+    state: SessionState
+    start: int
+    tokens: list[int] | None = None
+    hidden: torch.Tensor | None = None
+    want_output: bool = True  # last node: logits of the piece's last position
+
+    @property
+    def count(self) -> int:
+        return len(self.tokens) if self.tokens is not None else self.hidden.shape[1]
+
+
 class Shard:
     def __init__(self, loaded: LoadedSlice):
         self.s = loaded
         self.body = loaded.model.model
         self.head = loaded.model.lm_head
+        self.layers = list(self.body.layers[: loaded.config.num_hidden_layers])
+        self.inner_attention = attention.use_batched(loaded.model.config)
 
     @property
     def is_first(self) -> bool:
@@ -47,23 +71,48 @@ class Shard:
 
         return SessionState(sampling=sampling, cache=DynamicCache(config=self.s.config), generator=make_generator(sampling))
 
-    @torch.inference_mode()
     def step(self, state: SessionState, start: int, tokens: list[int] | None = None, hidden: torch.Tensor | None = None) -> torch.Tensor:
-        """Returns hidden states [1, n, hidden] (not last) or float32 logits [vocab] (last)."""
-        if start != state.tokens_seen:
-            raise CacheMismatch(f"step starts at position {start} but this node's cache holds {state.tokens_seen} positions")
+        """One piece alone: hidden states [1, n, hidden] (not last) or float32 logits [vocab] (last)."""
+        return self.run([Piece(state, start, tokens, hidden)])[0]
+
+    @torch.inference_mode()
+    def run(self, pieces: list[Piece]) -> list[torch.Tensor | None]:
+        """Hidden states ``[1, n, hidden]`` per piece (not last), or float32 logits
+        ``[vocab]`` per piece that wants them (last node; None for the others)."""
+        for p in pieces:
+            if p.start != p.state.tokens_seen:
+                raise CacheMismatch(f"step starts at position {p.start} but this node's cache holds {p.state.tokens_seen} positions")
+        if len({id(p.state) for p in pieces}) != len(pieces):
+            raise ValueError("a batch holds at most one piece per session")
         dev = self.s.device
         if self.is_first:
-            ids = torch.tensor([tokens], dtype=torch.long, device=dev)
-            embeds = self.body.embed_tokens(ids)
+            ids = torch.tensor([[t for p in pieces for t in p.tokens]], dtype=torch.long, device=dev)
+            h = self.body.embed_tokens(ids)
         else:
-            embeds = hidden.to(device=dev, dtype=self.s.dtype)
-        n = embeds.shape[1]
-        position_ids = torch.arange(start, start + n, device=dev).unsqueeze(0)
-        # Positional: the cache argument's keyword changed name within transformers 5.x.
-        out = self.body(None, None, position_ids, state.cache, inputs_embeds=embeds, use_cache=True)
-        state.tokens_seen += n
-        h = out.last_hidden_state
+            parts = [p.hidden.to(device=dev, dtype=self.s.dtype) for p in pieces]
+            h = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        position_ids = torch.cat([torch.arange(p.start, p.start + p.count, device=dev) for p in pieces]).unsqueeze(0)
+        batch = attention.Batch(self.inner_attention)
+        offset = 0
+        for p in pieces:
+            batch.add(p.state.cache, p.start, offset, p.count)
+            offset += p.count
+        position_embeddings = self.body.rotary_emb(h, position_ids=position_ids)
+        # The batch is both the cache (it files each piece's keys and values in its own
+        # session's cache) and the mask (it tells the attention function where pieces end).
+        for layer in self.layers:
+            h = layer(h, attention_mask=batch, position_embeddings=position_embeddings, position_ids=position_ids,
+                      cache=batch, use_cache=True)
+        h = self.body.norm(h)
+        for p in pieces:
+            p.state.tokens_seen += p.count
         if not self.is_last:
-            return h
-        return self.head(h[:, -1, :])[0].float()
+            return [h[:, a : a + n] for a, n in zip(batch.offsets, batch.counts)]
+        wanted = [i for i, p in enumerate(pieces) if p.want_output]
+        out: list[torch.Tensor | None] = [None] * len(pieces)
+        if wanted:
+            rows = h[:, [batch.offsets[i] + batch.counts[i] - 1 for i in wanted], :] if len(pieces) > 1 else h[:, -1:, :]
+            logits = self.head(rows)[0].float()
+            for j, i in enumerate(wanted):
+                out[i] = logits[j]
+        return out

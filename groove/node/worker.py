@@ -34,13 +34,16 @@ from ..protocol.messages import (
     PlacementRequest,
     Range,
     Registered,
+    TokenizerFiles,
     Result,
     Welcome,
 )
+from ..models.checkpoint import files_digest
 from ..protocol.address import client_ssl, relay_url
 from ..protocol.tensors import from_bytes, to_bytes
 from .sampling import sample
-from .shard import Shard, SessionState
+from .scheduler import ChunkSizer, Scheduler, Slot, Work
+from .shard import Piece, Shard, SessionState
 
 log = logging.getLogger("groove.node")
 
@@ -89,7 +92,8 @@ async def expect(ws, kind):
 
 class NodeWorker:
     def __init__(self, shard: Shard, *, model: str, fingerprint: str, relay: str, eos_ids: set[int], hidden_size: int, vocab_size: int,
-                 pool: ThreadPoolExecutor, token: str = "", tls_ca: str | None = None):
+                 pool: ThreadPoolExecutor, token: str = "", tls_ca: str | None = None, max_positions: int = 0,
+                 tokenizer: dict[str, bytes] | None = None, prefill_chunk: int = 0, max_batch: int = 64):
         self.shard = shard
         self.model = model
         self.fingerprint = fingerprint
@@ -107,6 +111,11 @@ class NodeWorker:
         self.token = token
         self.ssl = client_ssl(relay, tls_ca)
         self.proc = psutil.Process(os.getpid())
+        self.max_positions = max_positions
+        self.tokenizer = tokenizer or {}
+        self.tokenizer_digest = files_digest(self.tokenizer)
+        self.scheduler = Scheduler(max_batch)
+        self.chunks = ChunkSizer(prefill_chunk)
 
     # --- connection -------------------------------------------------------------------
 
@@ -128,6 +137,7 @@ class NodeWorker:
                 if self.sessions:
                     log.warning("dropping %d sessions after losing the relay", len(self.sessions))
                     self.sessions.clear()
+                self.scheduler.queue.clear()
                 print(f"relay {self.relay} unreachable ({reason}); retrying in {delay:.1f}s", file=sys.stderr, flush=True)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MAX_BACKOFF_S)
@@ -140,9 +150,11 @@ class NodeWorker:
             model=self.model, fingerprint=self.fingerprint, num_layers=s.num_layers, layers=Range(s.first, s.last),
             device=str(s.device), dtype=_dtype_str(s.dtype), hidden_size=self.hidden_size,
             vocab_size=self.vocab_size, weights=s.weights, load_s=s.load_s, rss_bytes=self.proc.memory_info().rss,
-            peak_rss_bytes=peak_rss_bytes())))
+            peak_rss_bytes=peak_rss_bytes(), max_positions=self.max_positions, tokenizer_digest=self.tokenizer_digest)))
         reg = await expect(ws, Registered)
         self.node_id = reg.node_id
+        if reg.send_tokenizer and self.tokenizer:
+            await ws.send_bytes(encode(TokenizerFiles(model=self.model, fingerprint=self.fingerprint, files=self.tokenizer)))
         rss = self.proc.memory_info().rss / 2**20
         print(f"registered as {self.node_id} with relay {self.relay}: {self.model} layers {s.first}-{s.last} "
               f"on {s.device} ({_dtype_str(s.dtype)}{', ' + s.weights + ' weights' if s.weights else ''}), loaded in {s.load_s:.2f}s, resident memory {rss:.0f} MiB",
@@ -174,54 +186,108 @@ class NodeWorker:
             log.warning("relay error %s: %s", msg.code, msg.message)
 
     async def _compute_loop(self, ws, jobs: asyncio.Queue) -> None:
+        """Admit whatever has arrived, run one pass over the scheduler's next batch, send
+        its results, repeat: sessions join and leave between passes."""
         loop = asyncio.get_running_loop()
         while True:
-            msg, payload = await jobs.get()
-            if isinstance(msg, PipelineConfig):
-                self.sessions[msg.session] = self.shard.new_session(msg.sampling)
+            if not self.scheduler:
+                await self._admit(ws, *await jobs.get())
+            while not jobs.empty():
+                await self._admit(ws, *jobs.get_nowait())
+            batch = self.scheduler.next_batch(self.chunks.size(alone=len(self.sessions) <= 1))
+            for slot in [s for s in batch if s.work.msg.start + s.offset != self.sessions[s.work.session].tokens_seen]:
+                held = self.sessions.pop(slot.work.session).tokens_seen
+                self.scheduler.drop(slot.work.session)
+                batch.remove(slot)
+                await ws.send_bytes(self._error(slot.work.msg, E.NODE_FAILED, f"step starts at position {slot.work.msg.start + slot.offset} "
+                                                                              f"but this node's cache holds {held} positions"))
+            if not batch:
                 continue
-            if isinstance(msg, CloseSession):
-                self.sessions.pop(msg.session, None)
-                continue
-            state = self.sessions.get(msg.session)
-            if state is None:
-                # Closed sessions' queued steps end here; the relay ignores the error for
-                # those, and for any other it tells the consumer instead of leaving it waiting.
-                await ws.send_bytes(encode(Error(session=msg.session, seq=msg.seq, src=self.node_id, code=E.UNKNOWN_SESSION,
-                                                 message=f"node {self.node_id} holds no session {msg.session}")))
-                continue
+            t0 = time.perf_counter()
             try:
-                t0 = time.perf_counter()
-                frame = await loop.run_in_executor(self.pool, self._step, msg, payload, state)
-                self.compute_s += time.perf_counter() - t0
+                frames = await loop.run_in_executor(self.pool, self._run, batch)
+            except Exception as exc:  # a failed pass must reach its consumers, not kill the node
+                log.exception("a pass over %d sessions failed", len(batch))
+                frames = []
+                for slot in batch:
+                    self.sessions.pop(slot.work.session, None)
+                    self.scheduler.drop(slot.work.session)
+                    frames.append(self._error(slot.work.msg, E.NODE_FAILED, f"{type(exc).__name__}: {exc}"))
+            else:
+                elapsed = time.perf_counter() - t0
+                self.compute_s += elapsed
                 self.steps += 1
-            except Exception as exc:  # any failure of a step must reach the consumer, not kill the node
-                log.exception("step failed for session %s", msg.session)
-                self.sessions.pop(msg.session, None)
-                frame = encode(Error(session=msg.session, seq=msg.seq, src=self.node_id, code=E.NODE_FAILED, message=f"{type(exc).__name__}: {exc}"))
-            await ws.send_bytes(frame)
+                self.chunks.observe(elapsed, sum(s.count for s in batch if s.work.msg.count > 1))
+                self.scheduler.finish(batch)
+            for frame in frames:
+                await ws.send_bytes(frame)
 
-    def _step(self, msg: Forward, payload: memoryview, state: SessionState) -> bytes:
-        shard = self.shard
-        if shard.is_first:
-            if msg.tokens is None or len(msg.tokens) != msg.count:
-                raise ProtocolError(E.BAD_REQUEST, "the first node needs token ids")
-            out = shard.step(state, msg.start, tokens=msg.tokens)
+    def _error(self, msg: Forward, code: str, message: str) -> bytes:
+        return encode(Error(session=msg.session, seq=msg.seq, src=self.node_id, code=code, message=message))
+
+    async def _admit(self, ws, msg, payload) -> None:
+        if isinstance(msg, PipelineConfig):
+            self.scheduler.drop(msg.session)  # steps of an earlier chain for this session
+            self.sessions[msg.session] = self.shard.new_session(msg.sampling)
+        elif isinstance(msg, CloseSession):
+            self.sessions.pop(msg.session, None)
+            self.scheduler.drop(msg.session)
+        elif msg.session not in self.sessions:
+            # Closed sessions' queued steps end here; the relay ignores the error for
+            # those, and for any other it tells the consumer instead of leaving it waiting.
+            await ws.send_bytes(self._error(msg, E.UNKNOWN_SESSION, f"node {self.node_id} holds no session {msg.session}"))
         else:
-            if msg.shape[-1:] != [self.hidden_size] or len(msg.shape) != 3 or msg.shape[1] != msg.count:
-                raise ProtocolError(E.BAD_PAYLOAD, f"hidden states of shape {msg.shape} do not match [1, {msg.count}, {self.hidden_size}]")
-            out = shard.step(state, msg.start, hidden=from_bytes(payload, msg.dtype, msg.shape))
-        self.tokens_processed += msg.count
-        if not shard.is_last:
-            dtype, shape, raw = to_bytes(out)
-            nxt = Forward(session=msg.session, seq=msg.seq, src=self.node_id, start=msg.start, count=msg.count,
-                          dtype=dtype, shape=shape, remaining=msg.remaining, want_logits=msg.want_logits,
-                          ignore_eos=msg.ignore_eos)
-            return encode(nxt, raw)
-        token = sample(out, state.sampling, state.generator)
+            problem = self._check(msg, payload)
+            if problem is not None:
+                self.sessions.pop(msg.session, None)
+                self.scheduler.drop(msg.session)
+                await ws.send_bytes(self._error(msg, problem.code, problem.message))
+            else:
+                self.scheduler.add(Work(msg, payload))
+
+    def _check(self, msg: Forward, payload) -> ProtocolError | None:
+        if self.shard.is_first:
+            if msg.tokens is None or len(msg.tokens) != msg.count or msg.count < 1:
+                return ProtocolError(E.BAD_REQUEST, "the first node needs token ids")
+        elif msg.shape != [1, msg.count, self.hidden_size] or msg.count < 1:
+            return ProtocolError(E.BAD_PAYLOAD, f"hidden states of shape {msg.shape} do not match [1, {msg.count}, {self.hidden_size}]")
+        return None
+
+    def _run(self, batch: list[Slot]) -> list[bytes]:
+        """One forward pass over the batch (on the compute thread); the frames it produces."""
+        shard = self.shard
+        pieces = []
+        for slot in batch:
+            msg, state = slot.work.msg, self.sessions[slot.work.session]
+            start = msg.start + slot.offset
+            if shard.is_first:
+                pieces.append(Piece(state, start, tokens=msg.tokens[slot.offset : slot.offset + slot.count]))
+            else:
+                hidden = from_bytes(slot.work.payload, msg.dtype, msg.shape)
+                pieces.append(Piece(state, start, hidden=hidden[:, slot.offset : slot.offset + slot.count]))
+            pieces[-1].want_output = slot.ends_step and msg.final
+        outs = shard.run(pieces)
+        frames = []
+        for slot, out in zip(batch, outs):
+            msg = slot.work.msg
+            self.tokens_processed += slot.count
+            if not shard.is_last:
+                # Each chunk goes on at once, so the next node starts on a long prompt
+                # while this one is still working through it.
+                dtype, shape, raw = to_bytes(out)
+                frames.append(encode(Forward(session=msg.session, seq=msg.seq, src=self.node_id, start=msg.start + slot.offset,
+                                             count=slot.count, dtype=dtype, shape=shape, remaining=msg.remaining,
+                                             want_logits=msg.want_logits, ignore_eos=msg.ignore_eos,
+                                             final=msg.final and slot.ends_step), raw))
+            elif out is not None:
+                frames.append(self._result(msg, self.sessions[msg.session], out))
+        return frames
+
+    def _result(self, msg: Forward, state: SessionState, logits) -> bytes:
+        token = sample(logits, state.sampling, state.generator)
         finish = "stop" if token in self.eos_ids and not msg.ignore_eos else ("length" if msg.remaining <= 1 else "")
         if msg.want_logits:
-            dtype, shape, raw = to_bytes(out)
+            dtype, shape, raw = to_bytes(logits)
             return encode(Result(session=msg.session, seq=msg.seq, src=self.node_id, token=token, finish=finish, dtype=dtype, shape=shape), raw)
         return encode(Result(session=msg.session, seq=msg.seq, src=self.node_id, token=token, finish=finish))
 

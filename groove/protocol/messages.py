@@ -64,6 +64,8 @@ class NodeRegister(Envelope, tag="node_register"):
     load_s: float = 0.0
     rss_bytes: int = 0
     peak_rss_bytes: int = 0
+    max_positions: int = 0  # the model's context length (0: unknown)
+    tokenizer_digest: str = ""  # sha256 of the tokenizer files this node can send ("" if none)
 
 
 class PlacementRequest(Envelope, tag="placement_request"):
@@ -84,6 +86,16 @@ class Placement(Envelope, tag="placement"):
 
 class Registered(Envelope, tag="registered"):
     node_id: str
+    send_tokenizer: bool = False  # the relay has no tokenizer for this checkpoint yet
+
+
+class TokenizerFiles(Envelope, tag="tokenizer_files"):
+    """Node -> relay, once per checkpoint: the tokenizer files, so the relay's HTTP API can
+    tokenize prompts and apply the chat template without the weights or torch."""
+
+    model: str
+    fingerprint: str
+    files: dict[str, bytes]
 
 
 class Heartbeat(Envelope, tag="heartbeat"):
@@ -141,6 +153,9 @@ class Forward(Envelope, tag="forward"):
     remaining: int = 1
     want_logits: bool = False
     ignore_eos: bool = False
+    # False for all but the last chunk of a prompt a node splits up: the last node samples
+    # only after the final one.
+    final: bool = True
 
 
 class Result(Envelope, tag="result"):
@@ -176,6 +191,7 @@ Message = Union[
     PlacementRequest,
     Placement,
     Registered,
+    TokenizerFiles,
     Heartbeat,
     OpenSession,
     SessionOpened,

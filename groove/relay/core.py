@@ -38,8 +38,10 @@ from ..protocol.messages import (
     Registered,
     Result,
     SessionOpened,
+    TokenizerFiles,
     Welcome,
 )
+from ..models.checkpoint import TOKENIZER_PATTERNS
 from .placement import PlacementError, Shape, place
 from .auth import Tokens
 from .metrics import TokenRate
@@ -90,11 +92,19 @@ class Relay:
         # first, last, expiry). They count as served, so two nodes starting together split
         # the model instead of both taking the same gap.
         self.reservations: list[tuple[str, str, int, int, float]] = []
+        # Tokenizer files per (model, fingerprint), sent once by a node that has them, for
+        # the HTTP API (which tokenizes in the relay); dropped with the last such node.
+        self.tokenizer_files: dict[tuple[str, str], dict[str, bytes]] = {}
 
     # --- connections ------------------------------------------------------------------
 
     def connect(self, conn: str) -> None:
         self.peers[conn] = Peer(conn, connected_at=time.monotonic())
+
+    def connect_local(self, conn: str) -> None:
+        """A consumer inside the relay process (the HTTP API, authorized by the server):
+        it skips the HELLO and otherwise goes through exactly the same path as any other."""
+        self.peers[conn] = Peer(conn, role="consumer", id="c-" + secrets.token_hex(4), connected_at=time.monotonic())
 
     def disconnect(self, conn: str) -> list[Send]:
         peer = self.peers.pop(conn, None)
@@ -110,6 +120,8 @@ class Relay:
                 log.warning("node %s (%s layers %d-%d) lost", node.id, node.model, node.first, node.last)
                 for s in self.sessions.using_node(node.id):
                     out += self._failover(s, node)
+                if not self.registry.serving(node.model, node.fingerprint):
+                    self.tokenizer_files.pop((node.model, node.fingerprint), None)
         return out
 
     def _failover(self, s: Session, lost: NodeInfo) -> list[Send]:
@@ -193,7 +205,7 @@ class Relay:
     def _handler(self, peer: Peer, msg: Message):
         table = {
             "": {Hello: self._on_hello},
-            "node": {PlacementRequest: self._on_placement, NodeRegister: self._on_register, Heartbeat: self._on_heartbeat, Forward: self._on_forward, Result: self._on_result, Error: self._on_node_error},
+            "node": {PlacementRequest: self._on_placement, NodeRegister: self._on_register, TokenizerFiles: self._on_tokenizer, Heartbeat: self._on_heartbeat, Forward: self._on_forward, Result: self._on_result, Error: self._on_node_error},
             "consumer": {OpenSession: self._on_open, Generate: self._on_generate, Cancel: self._on_cancel, CloseSession: self._on_close},
         }
         return table[peer.role].get(type(msg))
@@ -239,13 +251,25 @@ class Relay:
             id=peer.id, conn=peer.conn, model=msg.model, fingerprint=msg.fingerprint, num_layers=msg.num_layers,
             first=first, last=last, device=msg.device, dtype=msg.dtype, hidden_size=msg.hidden_size,
             vocab_size=msg.vocab_size, weights=msg.weights, load_s=msg.load_s, rss_bytes=msg.rss_bytes, peak_rss_bytes=msg.peak_rss_bytes,
+            max_positions=msg.max_positions,
         )
         self.registry.add(node)
         taken = next((r for r in self.reservations if r[:4] == (node.model, node.fingerprint, first, last)), None)
         if taken is not None:
             self.reservations.remove(taken)
         log.info("node %s registered: %s layers %d-%d on %s/%s", node.id, node.model, first, last, node.device, node.dtype)
-        return [Send(peer.conn, encode(Registered(id=msg.id, node_id=node.id)))]
+        want = bool(msg.tokenizer_digest) and (node.model, node.fingerprint) not in self.tokenizer_files
+        return [Send(peer.conn, encode(Registered(id=msg.id, node_id=node.id, send_tokenizer=want)))]
+
+    def _on_tokenizer(self, peer: Peer, msg: TokenizerFiles, frame, payload) -> list[Send]:
+        node = self.registry.nodes.get(peer.id)
+        if node is None or (node.model, node.fingerprint) != (msg.model, msg.fingerprint):
+            raise ProtocolError(E.BAD_REQUEST, "tokenizer files must follow this node's registration, for its own model")
+        unknown = sorted(set(msg.files) - set(TOKENIZER_PATTERNS))
+        if unknown:
+            raise ProtocolError(E.BAD_REQUEST, f"unexpected tokenizer file names {unknown[:3]}")
+        self.tokenizer_files.setdefault((msg.model, msg.fingerprint), dict(msg.files))
+        return []
 
     def _on_heartbeat(self, peer: Peer, msg: Heartbeat, frame, payload) -> list[Send]:
         node = self.registry.nodes.get(peer.id)

@@ -23,6 +23,7 @@ class NodeInfo:
     load_s: float = 0.0
     rss_bytes: int = 0
     peak_rss_bytes: int = 0
+    max_positions: int = 0
     tokens_processed: int = 0
     cached_sessions: int = 0  # the node's own count of sessions holding a KV cache
     compute_s: float = 0.0

@@ -21,7 +21,9 @@ from aiohttp import WSMsgType, web
 
 from ..protocol.framing import DEFAULT_MAX_FRAME_BYTES
 from . import auth
+from .api import OpenAIApi
 from .core import Relay, Send
+from .tokenizers import TokenizerCache
 
 log = logging.getLogger("groove.relay")
 
@@ -50,10 +52,24 @@ class RelayServer:
         # Time from a frame's arrival to its departure on the next link: the relay's own
         # cost per hop, kept for the most recent frames.
         self.hop_s: deque[float] = deque(maxlen=4096)
+        self.tokenizers = TokenizerCache(self.relay.tokenizer_files)
+
+    def open_local(self) -> str:
+        """A consumer connection for a request of the HTTP API. Its queue is unbounded: it
+        holds small RESULT frames only, at most a session's token limit of them."""
+        conn = f"api-{next(self._ids)}"
+        self.queues[conn] = asyncio.Queue()
+        self.relay.connect_local(conn)
+        return conn
+
+    async def close_local(self, conn: str) -> None:
+        self.queues.pop(conn, None)
+        await self.dispatch(self.relay.disconnect(conn))
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=1 << 20)
+        app = web.Application(client_max_size=4 << 20)  # the API's prompts; WebSocket frames have their own cap
         app.router.add_get("/ws", self.ws_handler)
+        OpenAIApi(self).routes(app)
         app.router.add_get("/status", self.status_handler)
         app.router.add_get("/metrics", self.metrics_handler)
         app.router.add_get("/", self.index_handler)
@@ -189,7 +205,8 @@ async def serve(host: str, port: int, *, tokens: auth.Tokens | None, tls: ssl.SS
     site = web.TCPSite(runner, host, port, ssl_context=tls)
     await site.start()
     scheme = "wss" if tls else "ws"
-    print(f"groove relay listening on {scheme}://{host}:{port}/ws (status: {'https' if tls else 'http'}://{host}:{port}/status)", flush=True)
+    http = f"{'https' if tls else 'http'}://{host}:{port}"
+    print(f"groove relay listening on {scheme}://{host}:{port}/ws (status: {http}/status, OpenAI-compatible API: {http}/v1)", flush=True)
     if tokens is None:
         print("WARNING: --insecure-open: anyone who can reach this port can register nodes and run generations", file=sys.stderr, flush=True)
     housekeeping = asyncio.create_task(server.housekeeping())
