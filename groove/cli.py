@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--node-arg", action="append", default=[], help="extra argument for every node (repeatable)")
+    p.add_argument("--concurrency", type=int, default=1,
+                   help="sessions at once; above 1, compares their aggregate rate with one session's on the same pipeline")
+    p.add_argument("--interfere-prompt", type=int, default=0, metavar="TOKENS",
+                   help="with --concurrency: also time a streaming session while a newcomer's prompt of this length prefills")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("demo", help="relay + 2 nodes + a generation on a small built-in model")
@@ -310,8 +314,11 @@ def _bench(args) -> int:
     from .bench.shapes import SHAPES, synthetic_checkpoint
     from .models.checkpoint import ModelError, resolve
 
-    if args.nodes < 1 or args.new_tokens < 2 or args.prompt_tokens < 1 or args.repeat < 1:
-        print("error: --nodes, --prompt-tokens and --repeat must be at least 1 and --new-tokens at least 2", file=sys.stderr)
+    if args.nodes < 1 or args.new_tokens < 2 or args.prompt_tokens < 1 or args.repeat < 1 or args.concurrency < 1 or args.interfere_prompt < 0:
+        print("error: --nodes, --prompt-tokens, --repeat and --concurrency must be at least 1 and --new-tokens at least 2", file=sys.stderr)
+        return 2
+    if args.interfere_prompt and args.concurrency < 2:
+        print("error: --interfere-prompt goes with --concurrency N (N >= 2)", file=sys.stderr)
         return 2
     try:
         if args.synthetic:
@@ -328,12 +335,17 @@ def _bench(args) -> int:
         workload = harness.Workload(model=model, nodes=args.nodes, dtype=args.dtype, prompt_tokens=args.prompt_tokens,
                                     new_tokens=args.new_tokens, repeat=args.repeat, quantize=args.quantize,
                                     node_args=["--quantize", args.quantize, *args.node_arg])
-        result = harness.run(workload)
+        if args.concurrency > 1:
+            from .bench import concurrency
+
+            result = concurrency.run(workload, args.concurrency, args.interfere_prompt)
+        else:
+            result = harness.run(workload)
     except (ModelError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(result))
     else:
-        harness.render(result)
+        (concurrency.render if args.concurrency > 1 else harness.render)(result)
     return 0

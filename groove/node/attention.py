@@ -94,7 +94,15 @@ def batched_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     for i, (k, v) in enumerate(batch.full):
         a, n = batch.offsets[i], batch.counts[i]
         q = query if len(batch.full) == 1 else query[:, :, a : a + n]
-        out, _ = inner(module, q, k, v, batch.mask(i, query.device, window), dropout=dropout, scaling=scaling, **kwargs)
+        mask = batch.mask(i, query.device, window)
+        if mask is not None and window is None and getattr(module, "num_key_value_groups", 1) > 1:
+            # A later chunk of a prompt. transformers would repeat the keys for a masked
+            # call; SDPA's own grouped-query path is the one the whole prompt takes (with
+            # no mask), and it rounds the chunk's rows as that whole-prompt call does.
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
+            outs.append(out.transpose(1, 2).contiguous())
+            continue
+        out, _ = inner(module, q, k, v, mask, dropout=dropout, scaling=scaling, **kwargs)
         outs.append(out)
     return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)), None
 

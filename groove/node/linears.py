@@ -17,6 +17,8 @@ the whole matrix.
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -100,3 +102,80 @@ class Int8Linear(nn.Module):
 
     def _dequantized(self, flat: torch.Tensor) -> torch.Tensor:
         return flat @ (self.weight.to(flat.dtype) * self.scales[:, None].to(flat.dtype)).T
+
+
+class RowLayout(threading.local):
+    """The pieces of the forward pass running on this thread, as row counts: ``None``
+    outside a pass. Set by the shard around each pass."""
+
+    counts: list[int] | None = None
+
+
+LAYOUT = RowLayout()
+
+
+@contextmanager
+def row_layout(counts: list[int]):
+    LAYOUT.counts = counts
+    try:
+        yield
+    finally:
+        LAYOUT.counts = None
+
+
+class RowExact(nn.Module):
+    """A linear layer whose kernel rounds a one-row call differently from a many-row call
+    (oneDNN's bfloat16 matmul does, for Qwen2.5-0.5B's down projection: its one-row path
+    sums in another order). In a batched pass, each single-row piece (a decode step) gets
+    a one-row call of its own, exactly as it would alone; pieces of several rows go
+    together in one call, which rounds each row as a call of its own size would."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        counts = LAYOUT.counts
+        if not counts or len(counts) == 1 or x.dim() != 3 or x.shape[1] != sum(counts) or 1 not in counts:
+            return self.inner(x)
+        singles, many, row = [], [], 0
+        for n in counts:
+            (singles if n == 1 else many).extend(range(row, row + n))
+            row += n
+        parts = [self.inner(x[:, j : j + 1]) for j in singles]
+        if many:
+            parts.append(self.inner(x[:, many]))
+        order = torch.tensor(singles + many, device=x.device)
+        out = torch.cat(parts, dim=1)
+        return out[:, torch.argsort(order)]
+
+
+def single_row_differs(linear: nn.Module, in_features: int, device, dtype) -> bool:
+    """Whether the module's one-row results differ from the same rows in a larger call."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(1, 6, in_features, generator=g).to(device=device, dtype=dtype)
+    with torch.inference_mode():
+        together = linear(x)
+        alone = torch.cat([linear(x[:, j : j + 1]) for j in range(x.shape[1])], dim=1)
+    return not torch.equal(together, alone)
+
+
+def make_row_exact(model: nn.Module, device, dtype) -> list[str]:
+    """Wrap every linear layer whose kind fails ``single_row_differs`` in ``RowExact``,
+    probing each kind (class, shape, bias) once. Returns the wrapped names."""
+    verdicts: dict[tuple, bool] = {}
+    wrapped = []
+    kinds = (nn.Linear, PackedLinear, Int8Linear)
+    names = [name for name, mod in model.named_modules() if isinstance(mod, kinds)]
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        mod = getattr(parent, child)
+        bias = getattr(mod, "bias", None)
+        kind = (type(mod), mod.in_features, mod.out_features, bias is not None)
+        if kind not in verdicts:
+            verdicts[kind] = single_row_differs(mod, mod.in_features, device, dtype)
+        if verdicts[kind]:
+            setattr(parent, child, RowExact(mod))
+            wrapped.append(name)
+    return wrapped

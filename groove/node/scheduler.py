@@ -16,6 +16,13 @@ from dataclasses import dataclass
 from ..protocol.messages import Forward
 
 
+# Prompt pieces are at least this long (unless the whole step is shorter). Kernels switch
+# paths at small sizes: CPU attention below 16 rows, and a one-row matmul rounds unlike a
+# many-row one, so shorter pieces would round a prompt differently from the same prompt
+# taken whole.
+MIN_PIECE = 16
+
+
 @dataclass
 class Work:
     msg: Forward
@@ -69,7 +76,9 @@ class Scheduler:
         for w in prompts:
             if budget <= 0 or len(batch) >= self.max_batch:
                 break
-            n = min(w.left, budget)
+            n = max(min(w.left, budget), min(w.left, MIN_PIECE))
+            if w.left - n < MIN_PIECE:
+                n = w.left  # no stub of a few rows left for later
             batch.append(Slot(w, w.done, n))
             budget -= n
         return batch
@@ -85,7 +94,7 @@ class ChunkSizer:
     ``ratio`` decode passes more than a decode pass alone, from the node's own timings, so
     streams keep their pace on any hardware (a GPU takes far longer chunks than a CPU)."""
 
-    def __init__(self, fixed: int = 0, ratio: float = 1.5, initial: int = 64, low: int = 8, high: int = 4096):
+    def __init__(self, fixed: int = 0, ratio: float = 1.5, initial: int = 64, low: int = MIN_PIECE, high: int = 4096):
         self.fixed = fixed
         self.ratio, self.initial, self.low, self.high = ratio, initial, low, high
         self.decode_s: float | None = None  # a pass of decode steps only

@@ -7,7 +7,9 @@ MLP runs once over all of them, each token with its own session's position. Only
 is per piece, against that session's own KV cache (a transformers ``DynamicCache`` sized to
 the slice's layers), through ``attention.batched_attention``. A batch of one piece takes
 the same kernels with the same shapes as transformers' own forward, so a session alone
-gets transformers' results bit for bit.
+gets transformers' results bit for bit; linear layers whose kernels round a one-row call
+differently (``linears.RowExact``) keep decode steps in one-row calls, so a session's
+results do not depend on what else is in its batch either.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..protocol.messages import Sampling
-from . import attention
+from . import attention, linears
 from .loader import LoadedSlice
 from .sampling import make_generator
 
@@ -57,6 +59,7 @@ class Shard:
         self.head = loaded.model.lm_head
         self.layers = list(self.body.layers[: loaded.config.num_hidden_layers])
         self.inner_attention = attention.use_batched(loaded.model.config)
+        self.row_exact = linears.make_row_exact(loaded.model, loaded.device, loaded.dtype)
 
     @property
     def is_first(self) -> bool:
@@ -100,10 +103,11 @@ class Shard:
         position_embeddings = self.body.rotary_emb(h, position_ids=position_ids)
         # The batch is both the cache (it files each piece's keys and values in its own
         # session's cache) and the mask (it tells the attention function where pieces end).
-        for layer in self.layers:
-            h = layer(h, attention_mask=batch, position_embeddings=position_embeddings, position_ids=position_ids,
-                      cache=batch, use_cache=True)
-        h = self.body.norm(h)
+        with linears.row_layout(batch.counts):
+            for layer in self.layers:
+                h = layer(h, attention_mask=batch, position_embeddings=position_embeddings, position_ids=position_ids,
+                          cache=batch, use_cache=True)
+            h = self.body.norm(h)
         for p in pieces:
             p.state.tokens_seen += p.count
         if not self.is_last:
@@ -112,7 +116,8 @@ class Shard:
         out: list[torch.Tensor | None] = [None] * len(pieces)
         if wanted:
             rows = h[:, [batch.offsets[i] + batch.counts[i] - 1 for i in wanted], :] if len(pieces) > 1 else h[:, -1:, :]
-            logits = self.head(rows)[0].float()
+            with linears.row_layout([1] * len(wanted)):  # alone, each is a one-row call
+                logits = self.head(rows)[0].float()
             for j, i in enumerate(wanted):
                 out[i] = logits[j]
         return out

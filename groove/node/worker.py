@@ -1,9 +1,10 @@
 """A compute node's network side: connect out to the relay, register, serve steps.
 
 The node dials the relay (so it works behind NAT), reconnecting with exponential backoff
-whenever the link drops. Steps run one at a time on a dedicated compute thread, in arrival
-order, so the event loop stays free for heartbeats and the sessions' caches advance in
-the order the relay routed their steps.
+whenever the link drops. Steps wait in the scheduler (``scheduler.py``), which hands the
+compute thread one batch at a time: every session's next decode step plus a chunk of any
+waiting prompt, run as one forward pass (``shard.py``). The event loop stays free for
+heartbeats, and each session's pieces run in the order the relay routed them.
 """
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ class NodeWorker:
         self.tokens_processed = 0
         self.compute_s = 0.0
         self.steps = 0
+        self.pieces = 0
         self.node_id = ""
         self.pool = pool
         self.token = token
@@ -217,6 +219,7 @@ class NodeWorker:
                 elapsed = time.perf_counter() - t0
                 self.compute_s += elapsed
                 self.steps += 1
+                self.pieces += len(batch)
                 self.chunks.observe(elapsed, sum(s.count for s in batch if s.work.msg.count > 1))
                 self.scheduler.finish(batch)
             for frame in frames:
@@ -299,7 +302,7 @@ class NodeWorker:
             state = (len(self.sessions), self.tokens_processed, self.compute_s)
             # Report promptly after work, and at least every HEARTBEAT_S while idle.
             if state != last_sent or time.monotonic() - last_time >= HEARTBEAT_S:
-                await ws.send_bytes(encode(Heartbeat(src=self.node_id, sessions=state[0], tokens_processed=state[1], compute_s=state[2], steps=self.steps,
+                await ws.send_bytes(encode(Heartbeat(src=self.node_id, sessions=state[0], tokens_processed=state[1], compute_s=state[2], steps=self.steps, pieces=self.pieces,
                                                      rss_bytes=self.proc.memory_info().rss, peak_rss_bytes=peak_rss_bytes())))
                 last_sent, last_time = state, time.monotonic()
 

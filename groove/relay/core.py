@@ -278,6 +278,7 @@ class Relay:
             node.cached_sessions = msg.sessions
             node.compute_s = msg.compute_s
             node.steps = msg.steps
+            node.pieces = msg.pieces
             node.rss_bytes, node.peak_rss_bytes = msg.rss_bytes, msg.peak_rss_bytes
         return []
 

@@ -50,7 +50,8 @@ class RelayCollector:
         sessions = GaugeMetricFamily("groove_node_sessions", "Sessions routed to the node", labels=labels)
         tokens = CounterMetricFamily("groove_node_tokens_processed", "Token positions the node has computed", labels=labels)
         compute = CounterMetricFamily("groove_node_compute_seconds", "Time the node spent computing steps", labels=labels)
-        step = GaugeMetricFamily("groove_node_step_seconds", "Mean compute time per step", labels=labels)
+        step = GaugeMetricFamily("groove_node_step_seconds", "Mean compute time per forward pass", labels=labels)
+        batch = GaugeMetricFamily("groove_node_batch_size", "Mean session steps per forward pass", labels=labels)
         now = time.monotonic()
         for n in nodes:
             lv = [n.id, n.model, f"{n.first}-{n.last}"]
@@ -59,7 +60,8 @@ class RelayCollector:
             tokens.add_metric(lv, n.tokens_processed)
             compute.add_metric(lv, n.compute_s)
             step.add_metric(lv, n.compute_s / n.steps if n.steps else 0.0)
-        yield from (healthy, sessions, tokens, compute, step)
+            batch.add_metric(lv, n.pieces / n.steps if n.steps else 0.0)
+        yield from (healthy, sessions, tokens, compute, step, batch)
 
 
 def render(server) -> bytes:

@@ -28,6 +28,7 @@ class NodeInfo:
     cached_sessions: int = 0  # the node's own count of sessions holding a KV cache
     compute_s: float = 0.0
     steps: int = 0
+    pieces: int = 0
     sessions: set[str] = field(default_factory=set)
     registered_at: float = field(default_factory=time.monotonic)
     last_seen: float = field(default_factory=time.monotonic)
@@ -45,6 +46,8 @@ class NodeInfo:
             "cached_sessions": self.cached_sessions,
             "tokens_processed": self.tokens_processed,
             "compute_s": round(self.compute_s, 4),
+            "steps": self.steps,
+            "pieces": self.pieces,
             "rss_bytes": self.rss_bytes,
             "peak_rss_bytes": self.peak_rss_bytes,
             "load_s": round(self.load_s, 3),
