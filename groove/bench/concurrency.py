@@ -81,12 +81,18 @@ async def _interference(address: str, model: str, short: list[int], long_prompt:
 
     async with Client(address) as client:
         streaming, newcomer = Stream(), Stream()
-        task = asyncio.create_task(_stream(client, model, short, n, streaming))
-        while len(streaming.times) < n // 3:
+        task = asyncio.create_task(_stream(client, model, short, 8192, streaming))
+        while len(streaming.times) < n and not task.done():
             await asyncio.sleep(0.01)
         arrived = time.perf_counter()
         await _stream(client, model, long_prompt, 2, newcomer)
-        await task
+        target = len(streaming.times) + 5
+        while len(streaming.times) < target and not task.done():
+            await asyncio.sleep(0.01)
+        if task.done():
+            task.result()  # its error, if it failed
+            raise RuntimeError("the streaming session ended before the long prompt was prefilled")
+        task.cancel()
     alone = [b - a for a, b in zip(streaming.times, streaming.times[1:]) if b <= arrived]
     during = [b - a for a, b in zip(streaming.times, streaming.times[1:]) if a >= arrived and b <= newcomer.times[0]]
     if not during:
