@@ -276,3 +276,15 @@ def test_local_consumer_uses_the_same_session_path():
     assert h.relay.sessions.of_consumer("api-1")
     closes = h.relay.disconnect("api-1")
     assert [decode(s.frame)[0].__class__ for s in closes] == [M.CloseSession] and not h.relay.sessions.sessions
+
+
+def test_pipeline_config_counts_the_machines_of_a_chain():
+    h = Harness()
+    for conn, first, last, machine in (("A", 0, 1, "m1"), ("B", 2, 2, "m1"), ("C", 3, 3, "m2")):
+        h.relay.connect(conn)
+        h.send(conn, M.Hello(role="node"))
+        h.send(conn, M.NodeRegister(model="m", fingerprint="f", num_layers=4, layers=M.Range(first, last), device="cpu",
+                                    dtype="float32", hidden_size=8, vocab_size=100, machine=machine))
+    h.consumer("X")
+    configs = [m for _, m, _ in h.open("X") if isinstance(m, M.PipelineConfig)]
+    assert [(c.position, c.length, c.groups) for c in configs] == [(0, 3, 2), (1, 3, 2), (2, 3, 2)]

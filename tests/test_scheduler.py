@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from groove.node.scheduler import MIN_PIECE, ChunkSizer, Scheduler, Work
+import pytest
+
+from groove.node.scheduler import MIN_PIECE, Arrivals, ChunkSizer, Scheduler, Work
 from groove.protocol.messages import Forward
 
 
@@ -90,3 +92,29 @@ def test_chunk_size_follows_the_measured_costs():
     for _ in range(30):
         auto.observe(0.001, 0)  # decode passes got far cheaper than prompt tokens: the floor
     assert auto.size(alone=False) == MIN_PIECE
+
+
+def test_arrivals_expect_streaming_sessions_back_until_overdue():
+    a = Arrivals()
+    a.left("s", now=0.0, more=True)
+    assert a.expected(0.5) == ["s"] and a.due_in(0.5) is None  # no round trip measured yet
+    assert a.expected(1.5) == []  # a second without news: probably ended elsewhere
+    a.arrived("s", now=0.1)
+    a.left("s", now=1.0, more=True)
+    assert a.due_in(1.02) == pytest.approx(0.08)  # its round trip was 0.1 s
+    assert a.expected(1.15) == ["s"] and a.expected(1.25) == []  # overdue past two round trips
+    a.left("s", now=2.0, more=False)  # its turn ended: nothing to wait for
+    assert a.expected(2.01) == [] and a.due_in(2.01) is None
+    a.left("t", now=3.0, more=True)
+    a.forget("t")
+    assert a.expected(3.01) == []
+
+
+def test_a_chunk_is_sized_to_end_before_a_streaming_step_is_due():
+    sizer = ChunkSizer()
+    assert sizer.fit(0.1) is None  # costs unknown
+    sizer.observe(0.020, 0)
+    sizer.observe(0.020 + 64 * 0.001, 64)
+    assert sizer.fit(None) is None
+    assert sizer.fit(0.060) in (39, 40)  # a 20 ms pass plus 40 tokens at 1 ms (give or take rounding)
+    assert sizer.fit(0.030) == 0  # not even the shortest chunk ends in time

@@ -97,8 +97,11 @@ def run(args) -> int:
     from .shard import Shard
     from .worker import NodeWorker
 
+    # Built on the compute thread: its kernel probes run torch, and torch work on a second
+    # thread would leave a second OpenMP thread team in the process (see compute_thread).
+    shard = pool.submit(Shard, loaded).result()
     worker = NodeWorker(
-        Shard(loaded),
+        shard,
         model=ckpt.ref.name,
         fingerprint=ckpt.fingerprint(),
         relay=args.relay,

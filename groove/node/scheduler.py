@@ -94,7 +94,7 @@ class ChunkSizer:
     ``ratio`` decode passes more than a decode pass alone, from the node's own timings, so
     streams keep their pace on any hardware (a GPU takes far longer chunks than a CPU)."""
 
-    def __init__(self, fixed: int = 0, ratio: float = 1.5, initial: int = 64, low: int = MIN_PIECE, high: int = 4096):
+    def __init__(self, fixed: int = 0, ratio: float = 0.5, initial: int = 64, low: int = MIN_PIECE, high: int = 4096):
         self.fixed = fixed
         self.ratio, self.initial, self.low, self.high = ratio, initial, low, high
         self.decode_s: float | None = None  # a pass of decode steps only
@@ -107,6 +107,14 @@ class ChunkSizer:
             per_token = max(seconds - self.decode_s, 1e-6) / prompt_tokens
             self.token_s = per_token if self.token_s is None else 0.8 * self.token_s + 0.2 * per_token
 
+    def fit(self, due_in: float | None) -> int | None:
+        """The longest chunk whose pass ends within ``due_in`` seconds: None when nothing is
+        due or the costs are not known yet, 0 when not even the shortest chunk fits."""
+        if due_in is None or self.decode_s is None or self.token_s is None:
+            return None
+        n = int((due_in - self.decode_s) / self.token_s)
+        return 0 if n < self.low else min(n, self.high)
+
     def size(self, alone: bool) -> int:
         """``alone``: no other session holds a cache here, so nobody waits on this prompt."""
         if self.fixed:
@@ -116,3 +124,41 @@ class ChunkSizer:
         if self.decode_s is None or self.token_s is None:
             return self.initial
         return int(min(self.high, max(self.low, self.ratio * self.decode_s / self.token_s)))
+
+
+class Arrivals:
+    """When each streaming session's next step is due back at this node, from how long its
+    previous round trip took (through the other nodes and the relay). A node that knows a
+    step is due shortly does not start a prompt chunk that would make it wait: it fits the
+    chunk into the time left, or waits for the step when not even a small chunk fits."""
+
+    def __init__(self) -> None:
+        self.sent: dict[str, float] = {}
+        self.rtt: dict[str, float] = {}
+
+    def left(self, session: str, now: float, more: bool) -> None:
+        if more:
+            self.sent[session] = now
+        else:
+            self.sent.pop(session, None)
+
+    def arrived(self, session: str, now: float) -> None:
+        t = self.sent.pop(session, None)
+        if t is not None:
+            r = now - t
+            self.rtt[session] = r if session not in self.rtt else 0.7 * self.rtt[session] + 0.3 * r
+
+    def forget(self, session: str) -> None:
+        self.sent.pop(session, None)
+        self.rtt.pop(session, None)
+
+    def expected(self, now: float) -> list[str]:
+        """Sessions whose next step is on its way: not overdue past twice its round trip
+        (a second, before one is measured), after which it probably ended at EOS."""
+        return [s for s, t in self.sent.items() if now - t < (2 * self.rtt[s] if s in self.rtt else 1.0)]
+
+    def due_in(self, now: float) -> float | None:
+        """Seconds until the next expected step; None if none is expected. A step overdue by
+        more than its own round trip (the session stopped at EOS elsewhere) is not waited for."""
+        waits = [t + self.rtt[s] - now for s, t in self.sent.items() if s in self.rtt and now - t < 2 * self.rtt[s]]
+        return min(waits) if waits else None

@@ -43,12 +43,15 @@ from ..models.checkpoint import files_digest
 from ..protocol.address import client_ssl, relay_url
 from ..protocol.tensors import from_bytes, to_bytes
 from .sampling import sample
-from .scheduler import ChunkSizer, Scheduler, Slot, Work
+from .scheduler import Arrivals, ChunkSizer, Scheduler, Slot, Work
 from .shard import Piece, Shard, SessionState
 
 log = logging.getLogger("groove.node")
 
 HEARTBEAT_S = 1.0
+# At most this many decode passes' time is spent waiting for a group to fill: enough for
+# two groups half a cycle apart to merge into one.
+GATHER = 2.0
 # Short enough that a restarted relay has its nodes back within seconds.
 MAX_BACKOFF_S = 5.0
 
@@ -65,6 +68,20 @@ def compute_thread() -> ThreadPoolExecutor:
 
 class FatalNodeError(Exception):
     """The relay refused this node for good (bad layer range, version): retrying is pointless."""
+
+
+def machine_id() -> str:
+    """The same for every node on this machine (network namespaces included: they share
+    its processors), different across machines; hashed, so nothing identifying leaves."""
+    import hashlib
+    import platform
+    import uuid
+
+    try:
+        raw = open("/etc/machine-id").read().strip()
+    except OSError:
+        raw = ""
+    return hashlib.sha256((raw or f"{platform.node()}-{uuid.getnode()}").encode()).hexdigest()[:12]
 
 
 def peak_rss_bytes() -> int:
@@ -118,6 +135,8 @@ class NodeWorker:
         self.tokenizer_digest = files_digest(self.tokenizer)
         self.scheduler = Scheduler(max_batch)
         self.chunks = ChunkSizer(prefill_chunk)
+        self.arrivals = Arrivals()
+        self.groups = 1  # machines in the chain of the latest session
 
     # --- connection -------------------------------------------------------------------
 
@@ -152,7 +171,8 @@ class NodeWorker:
             model=self.model, fingerprint=self.fingerprint, num_layers=s.num_layers, layers=Range(s.first, s.last),
             device=str(s.device), dtype=_dtype_str(s.dtype), hidden_size=self.hidden_size,
             vocab_size=self.vocab_size, weights=s.weights, load_s=s.load_s, rss_bytes=self.proc.memory_info().rss,
-            peak_rss_bytes=peak_rss_bytes(), max_positions=self.max_positions, tokenizer_digest=self.tokenizer_digest)))
+            peak_rss_bytes=peak_rss_bytes(), max_positions=self.max_positions, tokenizer_digest=self.tokenizer_digest,
+            machine=machine_id())))
         reg = await expect(ws, Registered)
         self.node_id = reg.node_id
         if reg.send_tokenizer and self.tokenizer:
@@ -197,6 +217,19 @@ class NodeWorker:
             while not jobs.empty():
                 await self._admit(ws, *jobs.get_nowait())
             batch = self.scheduler.next_batch(self.chunks.size(alone=len(self.sessions) <= 1))
+            batch = await self._gather(ws, jobs, batch)
+            if batch and all(s.count > 1 for s in batch) and not self.chunks.fixed:
+                fit = self.chunks.fit(self.arrivals.due_in(time.perf_counter()))
+                if fit == 0:  # a streaming session's step is due before any chunk could finish
+                    try:
+                        await self._admit(ws, *await asyncio.wait_for(jobs.get(), timeout=0.05))
+                    except asyncio.TimeoutError:
+                        pass
+                    batch = self.scheduler.next_batch(self.chunks.size(alone=len(self.sessions) <= 1))
+                    if not any(s.count == 1 for s in batch):
+                        batch = self.scheduler.next_batch(self.chunks.low)
+                elif fit is not None:
+                    batch = self.scheduler.next_batch(min(fit, self.chunks.size(alone=False)))
             for slot in [s for s in batch if s.work.msg.start + s.offset != self.sessions[s.work.session].tokens_seen]:
                 held = self.sessions.pop(slot.work.session).tokens_seen
                 self.scheduler.drop(slot.work.session)
@@ -222,8 +255,42 @@ class NodeWorker:
                 self.pieces += len(batch)
                 self.chunks.observe(elapsed, sum(s.count for s in batch if s.work.msg.count > 1))
                 self.scheduler.finish(batch)
+            now = time.perf_counter()
+            for slot in batch:
+                msg = slot.work.msg
+                if slot.ends_step and msg.final:
+                    # On the last node a token ends the session's turn at EOS; elsewhere
+                    # that is unknown until the step fails to come back (see Arrivals).
+                    self.arrivals.left(msg.session, now, more=msg.remaining > 1)
             for frame in frames:
                 await ws.send_bytes(frame)
+
+    async def _gather(self, ws, jobs: asyncio.Queue, batch: list[Slot]) -> list[Slot]:
+        """Streaming sessions settle into groups that travel the pipeline together. With one
+        group per machine of the chain, each machine has a group to work on while the others
+        work on theirs; nodes that share a machine instead take turns with one group, each
+        with all its cores (computing at once, their thread teams thrash). A pass short of
+        its share of the streaming sessions waits (a pass or two at most) for steps that
+        are due, so that small groups merge. Only the first node of a chain waits: groups
+        keep together through the others, and two nodes each holding one group for the
+        other would only wait each other out."""
+        decodes = sum(1 for s in batch if s.count == 1)
+        if not decodes or self.chunks.decode_s is None or not self.shard.is_first:
+            return batch
+        now = time.perf_counter()
+        expected = self.arrivals.expected(now)
+        share = -(-(decodes + len(expected)) // max(self.groups, 1))
+        deadline = now + GATHER * self.chunks.decode_s
+        while decodes < share and (left := deadline - time.perf_counter()) > 0:
+            try:
+                await self._admit(ws, *await asyncio.wait_for(jobs.get(), timeout=left))
+            except asyncio.TimeoutError:
+                break
+            while not jobs.empty():
+                await self._admit(ws, *jobs.get_nowait())
+            batch = self.scheduler.next_batch(self.chunks.size(alone=len(self.sessions) <= 1))
+            decodes = sum(1 for s in batch if s.count == 1)
+        return batch
 
     def _error(self, msg: Forward, code: str, message: str) -> bytes:
         return encode(Error(session=msg.session, seq=msg.seq, src=self.node_id, code=code, message=message))
@@ -232,9 +299,11 @@ class NodeWorker:
         if isinstance(msg, PipelineConfig):
             self.scheduler.drop(msg.session)  # steps of an earlier chain for this session
             self.sessions[msg.session] = self.shard.new_session(msg.sampling)
+            self.groups = msg.groups or msg.length
         elif isinstance(msg, CloseSession):
             self.sessions.pop(msg.session, None)
             self.scheduler.drop(msg.session)
+            self.arrivals.forget(msg.session)
         elif msg.session not in self.sessions:
             # Closed sessions' queued steps end here; the relay ignores the error for
             # those, and for any other it tells the consumer instead of leaving it waiting.
@@ -246,6 +315,7 @@ class NodeWorker:
                 self.scheduler.drop(msg.session)
                 await ws.send_bytes(self._error(msg, problem.code, problem.message))
             else:
+                self.arrivals.arrived(msg.session, time.perf_counter())
                 self.scheduler.add(Work(msg, payload))
 
     def _check(self, msg: Forward, payload) -> ProtocolError | None:

@@ -66,6 +66,7 @@ class NodeRegister(Envelope, tag="node_register"):
     peak_rss_bytes: int = 0
     max_positions: int = 0  # the model's context length (0: unknown)
     tokenizer_digest: str = ""  # sha256 of the tokenizer files this node can send ("" if none)
+    machine: str = ""  # a hash identifying the machine: nodes with the same one share its processors
 
 
 class PlacementRequest(Envelope, tag="placement_request"):
@@ -130,6 +131,9 @@ class PipelineConfig(Envelope, tag="pipeline_config"):
     position: int
     length: int
     sampling: Sampling
+    # Machines among the chain's nodes: streaming sessions travel in this many groups, so
+    # that each machine has a group to work on while the others work on theirs.
+    groups: int = 0
 
 
 class Generate(Envelope, tag="generate"):

@@ -155,9 +155,11 @@ class Relay:
 
     def _configure(self, s: Session, chain: list[NodeInfo]) -> list[Send]:
         out = []
+        machines = len({n.machine or n.id for n in chain})
         for i, node in enumerate(chain):
             node.sessions.add(s.id)
-            out.append(Send(node.conn, encode(PipelineConfig(session=s.id, position=i, length=len(chain), sampling=s.sampling))))
+            out.append(Send(node.conn, encode(PipelineConfig(session=s.id, position=i, length=len(chain), sampling=s.sampling,
+                                                             groups=machines))))
         return out
 
     def tick(self, now: float | None = None) -> tuple[list[Send], list[str]]:
@@ -251,7 +253,7 @@ class Relay:
             id=peer.id, conn=peer.conn, model=msg.model, fingerprint=msg.fingerprint, num_layers=msg.num_layers,
             first=first, last=last, device=msg.device, dtype=msg.dtype, hidden_size=msg.hidden_size,
             vocab_size=msg.vocab_size, weights=msg.weights, load_s=msg.load_s, rss_bytes=msg.rss_bytes, peak_rss_bytes=msg.peak_rss_bytes,
-            max_positions=msg.max_positions,
+            max_positions=msg.max_positions, machine=msg.machine,
         )
         self.registry.add(node)
         taken = next((r for r in self.reservations if r[:4] == (node.model, node.fingerprint, first, last)), None)

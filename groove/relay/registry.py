@@ -24,6 +24,7 @@ class NodeInfo:
     rss_bytes: int = 0
     peak_rss_bytes: int = 0
     max_positions: int = 0
+    machine: str = ""
     tokens_processed: int = 0
     cached_sessions: int = 0  # the node's own count of sessions holding a KV cache
     compute_s: float = 0.0
