@@ -28,3 +28,25 @@ def test_bench_json_reports_every_figure(tmp_path):
 def test_bench_rejects_unknown_shapes():
     proc = groove_cli("bench", "--synthetic", "gpt-17", timeout=60)
     assert proc.returncode == 2 and "unknown --synthetic" in proc.stderr
+
+
+def test_bench_concurrency_reports_every_figure(tmp_path):
+    proc = groove_cli("bench", "--synthetic", "tiny", "--nodes", "2", "--prompt-tokens", "16", "--new-tokens", "24",
+                      "--repeat", "1", "--concurrency", "4", "--interfere-prompt", "200", "--json", timeout=300,
+                      env={"XDG_CACHE_HOME": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["concurrency"] == 4 and result["same_tokens_as_alone"] is True
+    assert result["single_tok_s"] > 0 and result["aggregate_tok_s"] > 0 and result["speedup"] > 0
+    run = result["runs"][0]
+    assert run["sessions"] == 4 and 0 < run["fairness"] <= 1
+    assert run["session_tok_s"]["min"] <= run["session_tok_s"]["median"] <= run["session_tok_s"]["max"]
+    assert 0 < run["itl_ms"]["p50"] <= run["itl_ms"]["p99"]
+    assert all(b is not None and b >= 1 for b in result["mean_batch"])
+    i = result["interference"]
+    assert i["prompt_tokens"] == 200 and i["gaps_during_prefill"] >= 1 and i["p99_during_over_p50_alone"] > 0
+
+
+def test_bench_concurrency_flags_are_checked():
+    proc = groove_cli("bench", "--synthetic", "tiny", "--interfere-prompt", "100", timeout=60)
+    assert proc.returncode == 2 and "--concurrency" in proc.stderr

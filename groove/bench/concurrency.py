@@ -94,9 +94,8 @@ async def _interference(address: str, model: str, short: list[int], long_prompt:
             raise RuntimeError("the streaming session ended before the long prompt was prefilled")
         task.cancel()
     alone = [b - a for a, b in zip(streaming.times, streaming.times[1:]) if b <= arrived]
-    during = [b - a for a, b in zip(streaming.times, streaming.times[1:]) if a >= arrived and b <= newcomer.times[0]]
-    if not during:
-        raise RuntimeError("the streaming session finished before the long prompt was prefilled: raise --new-tokens")
+    # Every gap that overlaps the prefill, from the newcomer's arrival to its first token.
+    during = [b - a for a, b in zip(streaming.times, streaming.times[1:]) if b > arrived and a < newcomer.times[0]]
     p50 = statistics.median(alone)
     return {
         "prompt_tokens": len(long_prompt),
