@@ -66,8 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="faster single-token attention for grouped-query models; rounds differently from transformers")
     p.add_argument("--prefill-chunk", type=_chunk, default=0, metavar="auto|N",
                    help="prompt tokens per forward pass while other sessions are streaming (default auto: a pass with a "
-                        "chunk costs about 1.5 decode passes more, measured on this node)")
+                        "chunk costs about half a decode pass more, measured on this node)")
     p.add_argument("--max-batch", type=_positive, default=64, help="sessions in one forward pass at most")
+    p.add_argument("--no-batch-exact", action="store_true",
+                   help="let batched decode steps share matmul calls whose one-row rounding differs (faster; a session's "
+                        "output may then depend in the last bits on what else is in its batch)")
     p.add_argument("-v", "--verbose", action="store_true")
 
     p = sub.add_parser("generate", help="generate text from a prompt")

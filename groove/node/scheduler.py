@@ -92,7 +92,9 @@ class Scheduler:
 class ChunkSizer:
     """``--prefill-chunk auto``: prompt tokens per pass such that a pass costs about
     ``ratio`` decode passes more than a decode pass alone, from the node's own timings, so
-    streams keep their pace on any hardware (a GPU takes far longer chunks than a CPU)."""
+    streams keep their pace on any hardware (a GPU takes far longer chunks than a CPU). A
+    decode step arriving mid-pass waits for that pass and then its own, so a streaming
+    session feels a chunk about twice per node: half a decode pass keeps it near 2x."""
 
     def __init__(self, fixed: int = 0, ratio: float = 0.5, initial: int = 64, low: int = MIN_PIECE, high: int = 4096):
         self.fixed = fixed

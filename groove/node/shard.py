@@ -53,13 +53,13 @@ class Piece:
 
 
 class Shard:
-    def __init__(self, loaded: LoadedSlice):
+    def __init__(self, loaded: LoadedSlice, batch_exact: bool = True):
         self.s = loaded
         self.body = loaded.model.model
         self.head = loaded.model.lm_head
         self.layers = list(self.body.layers[: loaded.config.num_hidden_layers])
         self.inner_attention = attention.use_batched(loaded.model.config)
-        self.row_exact = linears.make_row_exact(loaded.model, loaded.device, loaded.dtype)
+        self.row_exact = linears.make_row_exact(loaded.model, loaded.device, loaded.dtype) if batch_exact else []
 
     @property
     def is_first(self) -> bool:
