@@ -186,3 +186,18 @@ def test_chat_uses_the_models_own_template(model_paths):
         reference = generate_json(cluster, rendered, 8, model=model_paths["qwen2"])
     assert reply.choices[0].message.content == reference["text"]
     assert reply.usage.prompt_tokens == reference["prompt_tokens"] == len(render_chat(tok, messages))
+
+
+def test_requests_at_once_are_limited_per_address():
+    # Two from 127.0.0.1: the node's connection and one request.
+    with LocalCluster(DEMO_MODEL, [(0, 5)], relay_args=["--max-connections-per-address", "2"]) as cluster:
+        api = client(cluster)
+        stream = api.completions.create(model=MODEL, prompt="The", max_tokens=500, temperature=0, stream=True,
+                                        extra_body={"ignore_eos": True})
+        next(iter(stream))  # the first request is running
+        with pytest.raises(openai.RateLimitError) as info:
+            api.completions.create(model=MODEL, prompt="x", max_tokens=2)
+        assert "more than 2" in info.value.message
+        stream.close()
+        wait_until(lambda: fetch_status(cluster.address)["relay"]["sessions"] == 0, timeout=10)
+        assert api.completions.create(model=MODEL, prompt="x", max_tokens=2).usage.completion_tokens == 2

@@ -113,6 +113,14 @@ class OpenAIApi:
             params = parse(body, chat)
         except ApiError as exc:
             return error_response(exc)
+        # API requests count against the same per-address limit as WebSocket connections:
+        # each holds a session on the nodes while it runs.
+        address = request.remote or "?"
+        limit = self.server.max_connections_per_address
+        if self.server.per_address[address] >= limit:
+            return error_response(ApiError(429, f"more than {limit} connections and requests at once from {address}",
+                                           type="rate_limit_error", code="too_many_requests"))
+        self.server.per_address[address] += 1
         consumer = LocalConsumer(self.server)
         try:
             return await self._generate(request, consumer, params)
@@ -123,6 +131,7 @@ class OpenAIApi:
         finally:
             # Closing the connection closes its session on every node: this is also what
             # cancels the generation when the HTTP client goes away mid-stream.
+            self.server.per_address[address] -= 1
             await consumer.close()
 
     async def _open(self, consumer: LocalConsumer, params: CompletionParams) -> SessionOpened:
