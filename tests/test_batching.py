@@ -82,3 +82,40 @@ def test_a_long_prompt_alone_and_chunked_gives_the_same_tokens(model_paths):
     # On each node: one pass for the short prompt; 100 tokens as 24 + 24 + 24 + 28 (no stub
     # of 4 rows is left); then 7 decode steps (the 8th token is never fed back).
     assert passes == 2 * (1 + 4 + 7)
+
+
+def test_automatic_chunks_while_a_session_streams(model_paths):
+    """The default --prefill-chunk auto, on two nodes of one machine (they take turns): a
+    long prompt arrives while another session streams, is chunked by the nodes' own
+    timings, and both sessions still get their solo tokens."""
+    path = model_paths["llama"]
+    long_prompt = [(7 * i) % 500 for i in range(400)]
+    expected = [reference_generate(path, [5, 6, 7], 60), reference_generate(path, long_prompt, 4)]
+    with LocalCluster(path, [(0, 2), (3, 5)]) as cluster:
+        async def run():
+            async with Client(cluster.address) as client:
+                streamed: list[int] = []
+
+                async def stream():
+                    s = await client.open_session("llama", Sampling(temperature=0), wait=10)
+                    async for step in client.generate(s, [5, 6, 7], 60, ignore_eos=True):
+                        streamed.append(step.token)
+                    return streamed
+
+                async def newcomer():
+                    while len(streamed) < 20:
+                        await asyncio.sleep(0.002)
+                    s = await client.open_session("llama", Sampling(temperature=0), wait=10)
+                    before = len(streamed)
+                    got = [step.token async for step in client.generate(s, long_prompt, 4, ignore_eos=True)]
+                    return got, len(streamed) - before
+
+                return await asyncio.gather(stream(), newcomer())
+
+        first = fetch_status(cluster.address)["nodes"]
+        streamed, (got, streamed_meanwhile) = run_async(run())
+        time.sleep(1.5)
+        passes = sum(n["steps"] for n in fetch_status(cluster.address)["nodes"]) - sum(n["steps"] for n in first)
+    assert streamed == expected[0] and got == expected[1]
+    assert streamed_meanwhile > 0  # the stream went on beside the newcomer
+    assert passes >= 2 * 60  # every one of the stream's steps was a pass on each node, whatever joined it

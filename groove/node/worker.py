@@ -220,17 +220,7 @@ class NodeWorker:
             batch = self.scheduler.next_batch(self.chunks.size(alone=len(self.sessions) <= 1))
             batch = await self._gather(ws, jobs, batch)
             if batch and all(s.count > 1 for s in batch) and not self.chunks.fixed:
-                fit = self.chunks.fit(self.arrivals.due_in(time.perf_counter()))
-                if fit == 0:  # a streaming session's step is due before any chunk could finish
-                    try:
-                        await self._admit(ws, *await asyncio.wait_for(jobs.get(), timeout=0.05))
-                    except asyncio.TimeoutError:
-                        pass
-                    batch = self.scheduler.next_batch(self.chunks.size(alone=len(self.sessions) <= 1))
-                    if not any(s.count == 1 for s in batch):
-                        batch = self.scheduler.next_batch(self.chunks.low)
-                elif fit is not None:
-                    batch = self.scheduler.next_batch(min(fit, self.chunks.size(alone=False)))
+                batch = await self._prompt_only(ws, jobs, batch)
             for slot in [s for s in batch if s.work.msg.start + s.offset != self.sessions[s.work.session].tokens_seen]:
                 held = self.sessions.pop(slot.work.session).tokens_seen
                 self.scheduler.drop(slot.work.session)
@@ -291,6 +281,43 @@ class NodeWorker:
                 await self._admit(ws, *jobs.get_nowait())
             batch = self.scheduler.next_batch(self.chunks.size(alone=len(self.sessions) <= 1))
             decodes = sum(1 for s in batch if s.count == 1)
+        return batch
+
+    async def _prompt_only(self, ws, jobs: asyncio.Queue, batch: list[Slot]) -> list[Slot]:
+        """A pass of prompt chunks only, while streaming sessions may be on their way back.
+        A step that arrives during a pass waits for it, so: on a chain of several machines
+        the chunk is sized to end before the next step is due (or the node waits for that
+        step when not even a short chunk would); on a chain whose nodes share one machine
+        the first node leaves the cores to the others while a step is on its way, and takes
+        the next chunk with that step."""
+        def refill(limit: int | None = None) -> list[Slot]:
+            return self.scheduler.next_batch(limit or self.chunks.size(alone=len(self.sessions) <= 1))
+
+        async def wait_for_job(timeout: float) -> bool:
+            try:
+                await self._admit(ws, *await asyncio.wait_for(jobs.get(), timeout=timeout))
+            except asyncio.TimeoutError:
+                return False
+            while not jobs.empty():
+                await self._admit(ws, *jobs.get_nowait())
+            return True
+
+        if self.groups == 1 and self.shard.is_first:
+            deadline = time.perf_counter() + 1.0
+            while self.arrivals.expected(time.perf_counter()) and (left := deadline - time.perf_counter()) > 0:
+                if not await wait_for_job(left):
+                    break
+                batch = refill()
+                if any(s.count == 1 for s in batch):
+                    break
+            return batch
+        fit = self.chunks.fit(self.arrivals.due_in(time.perf_counter()))
+        if fit == 0:  # a streaming session's step is due before any chunk could finish
+            await wait_for_job(0.05)
+            batch = refill()
+            return batch if any(s.count == 1 for s in batch) else refill(self.chunks.low)
+        if fit is not None:
+            return refill(min(fit, self.chunks.size(alone=False)))
         return batch
 
     def _error(self, msg: Forward, code: str, message: str) -> bytes:
