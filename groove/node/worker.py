@@ -246,13 +246,13 @@ class NodeWorker:
                 self.pieces += len(batch)
                 self.chunks.observe(elapsed, sum(s.count for s in batch if s.work.msg.count > 1))
                 self.scheduler.finish(batch)
-            now = time.perf_counter()
-            for slot in batch:
-                msg = slot.work.msg
-                if slot.ends_step and msg.final:
-                    # On the last node a token ends the session's turn at EOS; elsewhere
-                    # that is unknown until the step fails to come back (see Arrivals).
-                    self.arrivals.left(msg.session, now, more=msg.remaining > 1)
+                now = time.perf_counter()
+                for slot in batch:
+                    msg = slot.work.msg
+                    if slot.ends_step and msg.final:
+                        # On the last node a token ends the session's turn at EOS; elsewhere
+                        # that is unknown until the step fails to come back (see Arrivals).
+                        self.arrivals.left(msg.session, now, more=msg.remaining > 1)
             for frame in frames:
                 await ws.send_bytes(frame)
 
