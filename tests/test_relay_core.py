@@ -67,7 +67,8 @@ def test_token_path_feeds_back_without_the_consumer():
     assert nxt.tokens == [11] and nxt.start == 3 and nxt.remaining == 2
 
     out = h.send("B", M.Result(session=sid, seq=nxt.seq, token=12, finish="stop"))
-    assert [(c, m.token) for c, m, _ in out] == [("C", 12)]
+    assert [(c, type(m).__name__) for c, m, _ in out] == [("C", "Result"), ("A", "TurnEnd")]  # the first node stops expecting it
+    assert out[0][1].token == 12 and out[1][1].session == sid
     assert h.relay.sessions.get(sid).tokens == [5, 6, 7, 11, 12]
 
     # Next turn: only the unprocessed reply token and the new tokens go out.
@@ -81,8 +82,10 @@ def test_cancel_drops_the_in_flight_result_and_keeps_caches_in_step():
     h.consumer("C")
     sid = h.open("C")[-1][1].session
     (_, fwd, _), = h.send("C", M.Generate(session=sid, tokens=[1, 2], max_tokens=10))
-    (c, ack, _), = h.send("C", M.Cancel(id=3, session=sid))
+    (c, ack, _), (to, end, _) = h.send("C", M.Cancel(id=3, session=sid))
     assert ack.finish == "cancelled" and ack.id == 3 and ack.token is None
+    assert (to, type(end)) == ("A", M.TurnEnd)
+    assert [type(m) for _, m, _ in h.send("C", M.Cancel(id=4, session=sid))] == [M.Result]  # no turn left to end
     assert h.send("A", M.Result(session=sid, seq=fwd.seq, token=50)) == []  # stale
     (_, fwd2, _), = h.send("C", M.Generate(session=sid, tokens=[3], max_tokens=1))
     assert fwd2.start == 2 and fwd2.tokens == [3]

@@ -36,6 +36,7 @@ from ..protocol.messages import (
     Range,
     Registered,
     TokenizerFiles,
+    TurnEnd,
     Result,
     Welcome,
 )
@@ -205,6 +206,8 @@ class NodeWorker:
             # One queue for steps and session changes, so a session closed and reopened
             # (after a failover) never has an old step run against its new cache.
             await jobs.put((msg, payload))
+        elif isinstance(msg, TurnEnd):
+            self.arrivals.left(msg.session, time.perf_counter(), more=False)
         elif isinstance(msg, Error):
             log.warning("relay error %s: %s", msg.code, msg.message)
 

@@ -178,6 +178,12 @@ class Cancel(Envelope, tag="cancel"):
     pass
 
 
+class TurnEnd(Envelope, tag="turn_end"):
+    """Relay -> first node of the chain: the session's turn ended (at a stop token, by a
+    cancel), so no next step is coming; the node stops keeping a place for it in its
+    groups. Other nodes do not wait for steps, so only the first node is told."""
+
+
 class CloseSession(Envelope, tag="close_session"):
     pass
 
@@ -205,6 +211,7 @@ Message = Union[
     Forward,
     Result,
     Cancel,
+    TurnEnd,
     CloseSession,
     Error,
 ]

@@ -39,6 +39,7 @@ from ..protocol.messages import (
     Result,
     SessionOpened,
     TokenizerFiles,
+    TurnEnd,
     Welcome,
 )
 from ..models.checkpoint import TOKENIZER_PATTERNS
@@ -398,6 +399,7 @@ class Relay:
         s.last_used = time.monotonic()
         if msg.finish:
             s.turn = None
+            out.append(self._turn_end(s))
         else:
             turn.step = s.take_seq()
             out.append(self._feed(s))
@@ -405,8 +407,12 @@ class Relay:
 
     def _on_cancel(self, peer: Peer, msg: Cancel, frame, payload) -> list[Send]:
         s = self._own_session(peer, msg)
+        out = [self._turn_end(s)] if s.turn is not None else []
         s.turn = None
-        return [Send(peer.conn, encode(Result(id=msg.id, session=s.id, token=None, finish="cancelled")))]
+        return [Send(peer.conn, encode(Result(id=msg.id, session=s.id, token=None, finish="cancelled"))), *out]
+
+    def _turn_end(self, s: Session) -> Send:
+        return Send(self.registry.nodes[s.chain[0]].conn, encode(TurnEnd(session=s.id)))
 
     def _on_close(self, peer: Peer, msg: CloseSession, frame, payload) -> list[Send]:
         return self._close_session(self._own_session(peer, msg))
