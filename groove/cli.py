@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt tokens per forward pass while other sessions are streaming (default auto: a pass with a "
                         "chunk costs about half a decode pass more, measured on this node)")
     p.add_argument("--max-batch", type=_positive, default=64, help="sessions in one forward pass at most")
+    p.add_argument("--wire-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8"],
+                   help="hidden states sent to the next node: auto (the compute dtype), a float dtype, or int8 with a "
+                        "scale per token (half of bfloat16's bytes, for slow links; rounds the activations)")
     p.add_argument("--no-batch-exact", action="store_true",
                    help="let batched decode steps share matmul calls whose one-row rounding differs (faster; a session's "
                         "output may then depend in the last bits on what else is in its batch)")

@@ -114,6 +114,7 @@ def run(args) -> int:
         max_positions=int(ckpt.config.get("max_position_embeddings") or 0),
         tokenizer=checkpoint.tokenizer_files(ckpt.ref),
         prefill_chunk=args.prefill_chunk,
+        wire_dtype={"auto": "", "int8": "q8"}.get(args.wire_dtype, args.wire_dtype),
         max_batch=args.max_batch,
     )
     try:

@@ -42,7 +42,7 @@ from ..protocol.messages import (
 )
 from ..models.checkpoint import files_digest
 from ..protocol.address import client_ssl, relay_url
-from ..protocol.tensors import from_bytes, to_bytes
+from ..protocol.tensors import from_bytes, to_bytes, to_wire
 from .sampling import sample
 from .scheduler import Arrivals, ChunkSizer, Scheduler, Slot, Work
 from .shard import Piece, Shard, SessionState
@@ -112,7 +112,7 @@ async def expect(ws, kind):
 class NodeWorker:
     def __init__(self, shard: Shard, *, model: str, fingerprint: str, relay: str, eos_ids: set[int], hidden_size: int, vocab_size: int,
                  pool: ThreadPoolExecutor, token: str = "", tls_ca: str | None = None, max_positions: int = 0,
-                 tokenizer: dict[str, bytes] | None = None, prefill_chunk: int = 0, max_batch: int = 64):
+                 tokenizer: dict[str, bytes] | None = None, prefill_chunk: int = 0, max_batch: int = 64, wire_dtype: str = ""):
         self.shard = shard
         self.model = model
         self.fingerprint = fingerprint
@@ -135,6 +135,7 @@ class NodeWorker:
         self.tokenizer = tokenizer or {}
         self.tokenizer_digest = files_digest(self.tokenizer)
         self.scheduler = Scheduler(max_batch)
+        self.wire_dtype = wire_dtype  # "" sends hidden states in the compute dtype
         self.chunks = ChunkSizer(prefill_chunk)
         self.arrivals = Arrivals()
         self.groups = 1  # machines in the chain of the latest session
@@ -378,7 +379,7 @@ class NodeWorker:
             if not shard.is_last:
                 # Each chunk goes on at once, so the next node starts on a long prompt
                 # while this one is still working through it.
-                dtype, shape, raw = to_bytes(out)
+                dtype, shape, raw = to_wire(out, self.wire_dtype or _dtype_str(shard.s.dtype))
                 frames.append(encode(Forward(session=msg.session, seq=msg.seq, src=self.node_id, start=msg.start + slot.offset,
                                              count=slot.count, dtype=dtype, shape=shape, remaining=msg.remaining,
                                              want_logits=msg.want_logits, ignore_eos=msg.ignore_eos,

@@ -19,7 +19,7 @@ from .. import __version__
 from ..protocol import errors as E
 from ..protocol.errors import ProtocolError
 from ..protocol.framing import DEFAULT_MAX_FRAME_BYTES, decode, encode
-from ..protocol.tensors import check_payload
+from ..protocol.tensors import WIRE_DTYPES, check_payload
 from ..protocol.messages import (
     Cancel,
     CloseSession,
@@ -373,9 +373,9 @@ class Relay:
         node = self.registry.nodes[peer.id]
         try:  # headers only: the payload's length against its declared shape, never its contents
             check_payload(msg.dtype, msg.shape, len(payload))
-            if msg.shape != [1, msg.count, node.hidden_size] or msg.dtype != node.dtype:
+            if msg.shape != [1, msg.count, node.hidden_size] or msg.dtype not in WIRE_DTYPES:
                 raise ProtocolError(E.BAD_PAYLOAD, f"hidden states {msg.dtype}{msg.shape} do not match the model's "
-                                                   f"{node.dtype}[1, {msg.count}, {node.hidden_size}]")
+                                                   f"[1, {msg.count}, {node.hidden_size}] in one of {', '.join(WIRE_DTYPES)}")
         except ProtocolError as exc:
             out = [self._error(s.consumer, E.NODE_FAILED, f"node {peer.id} sent a bad step: {exc.message}", session=s.id)]
             return [*out, self._error(peer.conn, exc.code, exc.message, session=s.id), *self._close_session(s)]
