@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--node-arg", action="append", default=[], help="extra argument for every node (repeatable)")
+    p.add_argument("--link-latency-ms", type=float, default=0.0,
+                   help="delay every link to the relay by this much each way (a userspace TCP proxy per process)")
     p.add_argument("--concurrency", type=int, default=1,
                    help="sessions at once; above 1, compares their aggregate rate with one session's on the same pipeline")
     p.add_argument("--interfere-prompt", type=int, default=0, metavar="TOKENS",
@@ -323,6 +325,9 @@ def _bench(args) -> int:
     if args.nodes < 1 or args.new_tokens < 2 or args.prompt_tokens < 1 or args.repeat < 1 or args.concurrency < 1 or args.interfere_prompt < 0:
         print("error: --nodes, --prompt-tokens, --repeat and --concurrency must be at least 1 and --new-tokens at least 2", file=sys.stderr)
         return 2
+    if args.link_latency_ms < 0:
+        print("error: --link-latency-ms cannot be negative", file=sys.stderr)
+        return 2
     if args.interfere_prompt and args.concurrency < 2:
         print("error: --interfere-prompt goes with --concurrency N (N >= 2)", file=sys.stderr)
         return 2
@@ -340,7 +345,7 @@ def _bench(args) -> int:
             model = Path(ref.local_dir)
         workload = harness.Workload(model=model, nodes=args.nodes, dtype=args.dtype, prompt_tokens=args.prompt_tokens,
                                     new_tokens=args.new_tokens, repeat=args.repeat, quantize=args.quantize,
-                                    node_args=["--quantize", args.quantize, *args.node_arg])
+                                    node_args=["--quantize", args.quantize, *args.node_arg], link_latency_ms=args.link_latency_ms)
         if args.concurrency > 1:
             from .bench import concurrency
 

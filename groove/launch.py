@@ -110,7 +110,8 @@ class LocalCluster:
     """A relay on a free port plus one node per layer range, all local processes."""
 
     def __init__(self, model: str | Path, ranges: list[tuple[int, int]], *, dtype: str = "float32", device: str = "cpu",
-                 threads: int = 0, node_args: list[str] | None = None, relay_args: list[str] | None = None, env: dict | None = None):
+                 threads: int = 0, node_args: list[str] | None = None, relay_args: list[str] | None = None, env: dict | None = None,
+                 link_latency_ms: float = 0.0):
         self.model = str(model)
         self.ranges = ranges
         self.dtype, self.device, self.threads = dtype, device, threads
@@ -120,10 +121,29 @@ class LocalCluster:
         self.port = 0
         self.relay: Proc | None = None
         self.nodes: list[Proc] = []
+        # With link latency, every node and the consumer reach the relay through a proxy of
+        # their own that delays each direction (bench.latency); status queries go direct.
+        self.link_latency_ms = link_latency_ms
+        self.proxies: list = []
+        self._client_port = 0
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def client_address(self) -> str:
+        """Where consumers connect: the relay itself, or a delaying proxy in front of it."""
+        if self.link_latency_ms and not self._client_port:
+            self._client_port = self._proxy()
+        return f"127.0.0.1:{self._client_port or self.port}"
+
+    def _proxy(self) -> int:
+        from .bench.latency import LatencyProxy
+
+        proxy = LatencyProxy(self.port, self.link_latency_ms / 1000).__enter__()
+        self.proxies.append(proxy)
+        return proxy.port
 
     def start_relay(self, timeout: float = 30) -> Proc:
         self.port = free_port()
@@ -132,7 +152,8 @@ class LocalCluster:
         return self.relay
 
     def start_node(self, first: int, last: int, *, wait: bool = True, timeout: float = 120, extra: list[str] | None = None) -> Proc:
-        args = ["node", "--model", self.model, "--layers", f"{first}-{last}", "--relay", self.address,
+        relay = f"127.0.0.1:{self._proxy()}" if self.link_latency_ms else self.address
+        args = ["node", "--model", self.model, "--layers", f"{first}-{last}", "--relay", relay,
                 "--device", self.device, "--dtype", self.dtype, *self.node_args, *(extra or [])]
         if self.threads:
             args += ["--threads", str(self.threads)]
@@ -159,3 +180,5 @@ class LocalCluster:
     def stop(self) -> None:
         for p in [*self.nodes, *([self.relay] if self.relay else [])]:
             p.stop()
+        for proxy in self.proxies:
+            proxy.stop()

@@ -117,19 +117,20 @@ def run(w: Workload, concurrency: int, interfere_prompt: int = 0) -> dict:
     embed, head = info.edge_bytes(ckpt)
     ranges = [tuple(r) for r in info.balanced_split(info.layer_bytes(ckpt), embed, head, w.nodes)]
     name = ckpt.ref.name
-    with LocalCluster(w.model, ranges, dtype=w.dtype, node_args=w.node_args) as cluster:
-        asyncio.run(_sessions(cluster.address, name, prompts[:1], 4))  # warm-up
+    with LocalCluster(w.model, ranges, dtype=w.dtype, node_args=w.node_args, link_latency_ms=w.link_latency_ms) as cluster:
+        address = cluster.client_address
+        asyncio.run(_sessions(address, name, prompts[:1], 4))  # warm-up
         single, many, same = [], [], True
         for _ in range(w.repeat):
-            alone = asyncio.run(_sessions(cluster.address, name, prompts[:1], w.new_tokens))
+            alone = asyncio.run(_sessions(address, name, prompts[:1], w.new_tokens))
             single.append(summarize(alone))
-            streams = asyncio.run(_sessions(cluster.address, name, prompts, w.new_tokens))
+            streams = asyncio.run(_sessions(address, name, prompts, w.new_tokens))
             many.append(summarize(streams))
             same = same and streams[0].tokens == alone[0].tokens  # batching must not change a session's tokens
         interference = None
         if interfere_prompt:
             long_prompt = prompt_ids(vocab, interfere_prompt, seed=10_000)
-            interference = asyncio.run(_interference(cluster.address, name, prompts[0], long_prompt, w.new_tokens))
+            interference = asyncio.run(_interference(address, name, prompts[0], long_prompt, w.new_tokens))
         nodes = fetch_status(cluster.address)["nodes"]
     best = max(many, key=lambda r: r["aggregate_tok_s"])  # of the repeats, each figure from one run
     median_many = statistics.median(r["aggregate_tok_s"] for r in many)

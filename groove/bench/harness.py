@@ -33,6 +33,7 @@ class Workload:
     repeat: int
     node_args: list[str]
     quantize: str = "none"
+    link_latency_ms: float = 0.0
 
 
 def weight_bytes_per_token(ckpt: checkpoint.Checkpoint, dtype: str, quantize: str = "none") -> int:
@@ -95,16 +96,17 @@ def run_pipeline(w: Workload, ckpt: checkpoint.Checkpoint, prompt: list[int]) ->
     embed, head = info.edge_bytes(ckpt)
     ranges = [tuple(r) for r in info.balanced_split(info.layer_bytes(ckpt), embed, head, w.nodes)]
     t_start = time.perf_counter()
-    with LocalCluster(w.model, ranges, dtype=w.dtype, node_args=w.node_args) as cluster:
+    with LocalCluster(w.model, ranges, dtype=w.dtype, node_args=w.node_args, link_latency_ms=w.link_latency_ms) as cluster:
         ready_s = time.perf_counter() - t_start
         name = ckpt.ref.name
-        asyncio.run(_timed_generation(cluster.address, name, prompt[:8], 4))  # warm-up
+        client = cluster.client_address
+        asyncio.run(_timed_generation(client, name, prompt[:8], 4))  # warm-up
         ttfts, rates, per_token_bytes, overheads, tokens = [], [], [], [], []
         for _ in range(w.repeat):
             c0 = _node_counters(cluster.address)
-            ttft1, _, _ = asyncio.run(_timed_generation(cluster.address, name, prompt, 1))
+            ttft1, _, _ = asyncio.run(_timed_generation(client, name, prompt, 1))
             c1 = _node_counters(cluster.address)
-            ttft, decode_s, tokens = asyncio.run(_timed_generation(cluster.address, name, prompt, w.new_tokens))
+            ttft, decode_s, tokens = asyncio.run(_timed_generation(client, name, prompt, w.new_tokens))
             c2 = _node_counters(cluster.address)
             ttfts.append(ttft1)
             rates.append((w.new_tokens - 1) / decode_s)
@@ -147,6 +149,7 @@ def run(w: Workload) -> dict:
         "dtype": w.dtype,
         "quantize": w.quantize,
         "node_args": w.node_args,
+        "link_latency_ms": w.link_latency_ms,
         "prompt_tokens": w.prompt_tokens,
         "new_tokens": w.new_tokens,
         "repeat": w.repeat,
@@ -171,6 +174,8 @@ def render(result: dict) -> None:
     g, b = result["groove"], result["baseline"]
     console = Console()
     quant = ", int8 nodes" if result.get("quantize") == "int8" else ""
+    if result.get("link_latency_ms"):
+        quant += f", {result['link_latency_ms']:g} ms added each way on every link"
     console.print(f"[bold]{result['model']}[/bold] {result['dtype']}{quant}, {result['nodes']} nodes {g['ranges']}, prompt "
                   f"{result['prompt_tokens']} tokens, {result['new_tokens']} new tokens, median of {result['repeat']}")
     console.print(f"read bandwidth {result['read_bandwidth_gb_s']:.1f} GB/s, {result['weight_bytes_per_token'] / 1e9:.3f} GB of "
