@@ -18,9 +18,9 @@ PROMPTS = [[5, 17, 33, 100, 7, 9], [300, 2, 2, 41], list(range(40, 90))]
 LLAMA_SPLITS = {"one": [(0, 5)], "two": [(0, 2), (3, 5)], "three": [(0, 0), (1, 4), (5, 5)]}
 
 
-async def generate(address, model, prompt, max_tokens, sampling=None, want_logits=False):
+async def generate(address, model, prompt, max_tokens, sampling=None, want_logits=False, wait=10.0):
     async with Client(address) as c:
-        s = await c.open_session(model, sampling or Sampling(temperature=0), wait=10)
+        s = await c.open_session(model, sampling or Sampling(temperature=0), wait=wait)
         steps = [step async for step in c.generate(s, prompt, max_tokens, want_logits=want_logits)]
         await c.close_session(s)
     return steps

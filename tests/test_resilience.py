@@ -18,10 +18,14 @@ from groove.protocol import messages as M
 from groove.protocol.messages import Sampling
 
 from .conftest import reference_generate, run_async, wait_until
-from .test_pipeline import status
+from .test_pipeline import generate, status
 from .test_relay_core import Harness
 
 PROMPT = [5, 17, 33, 100, 7, 9]
+
+
+def token_ids(steps) -> list[int]:
+    return [step.token for step in steps]
 
 
 def node_pids(cluster: LocalCluster) -> dict[str, int]:
@@ -145,12 +149,7 @@ def test_without_a_replica_the_error_is_clear_and_the_relay_keeps_serving(model_
         assert error.code == E.NODE_LOST and "layers 3-5" in error.message and error.missing == [[3, 5]]
         assert elapsed < 10
 
-        async def other():
-            async with Client(cluster.address) as c:
-                s = await c.open_session("other", Sampling(temperature=0), wait=10)
-                return [x.token async for x in c.generate(s, PROMPT, 8)]
-
-        assert run_async(other()) == reference_generate(model_paths["llama"], PROMPT, 8)
+        assert token_ids(run_async(generate(cluster.address, "other", PROMPT, 8))) == reference_generate(model_paths["llama"], PROMPT, 8)
 
 
 def test_nodes_rejoin_a_restarted_relay(model_paths):
@@ -162,12 +161,8 @@ def test_nodes_rejoin_a_restarted_relay(model_paths):
         cluster.relay = spawn("relay", ["relay", "--host", "127.0.0.1", "--port", str(cluster.port)])
         cluster.relay.wait_for("listening", 30)
 
-        async def run():
-            async with Client(cluster.address) as c:
-                s = await c.open_session("qwen2", Sampling(temperature=0), wait=15)
-                return [x.token async for x in c.generate(s, PROMPT, 8)]
-
-        assert run_async(run()) == reference_generate(model_paths["qwen2"], PROMPT, 8)
+        got = token_ids(run_async(generate(cluster.address, "qwen2", PROMPT, 8, wait=15)))
+        assert got == reference_generate(model_paths["qwen2"], PROMPT, 8)
         assert time.monotonic() - t0 < 10
         assert all(node.popen.poll() is None for node in cluster.nodes)  # no node was restarted
 
@@ -177,12 +172,7 @@ def test_a_restarted_node_rejoins_and_serves_again(model_paths):
         cluster.nodes[1].stop()
         cluster.start_node(2, 3)
 
-        async def run():
-            async with Client(cluster.address) as c:
-                s = await c.open_session("qwen2", Sampling(temperature=0), wait=10)
-                return [x.token async for x in c.generate(s, PROMPT, 8)]
-
-        assert run_async(run()) == reference_generate(model_paths["qwen2"], PROMPT, 8)
+        assert token_ids(run_async(generate(cluster.address, "qwen2", PROMPT, 8))) == reference_generate(model_paths["qwen2"], PROMPT, 8)
 
 
 def test_consumer_disconnect_frees_every_nodes_cache(model_paths):
@@ -260,12 +250,7 @@ def test_layers_auto_fills_two_halves_then_adds_a_replica(model_paths):
         assert "layers 0-2" in line or "layers 3-5" in line
         assert sorted(n["layers"] for n in status(cluster.address)["nodes"]) in ([[0, 2], [0, 2], [3, 5]], [[0, 2], [3, 5], [3, 5]])
 
-        async def run():
-            async with Client(cluster.address) as c:
-                s = await c.open_session("llama", Sampling(temperature=0), wait=10)
-                return [x.token async for x in c.generate(s, PROMPT, 8)]
-
-        assert run_async(run()) == reference_generate(path, PROMPT, 8)
+        assert token_ids(run_async(generate(cluster.address, "llama", PROMPT, 8))) == reference_generate(path, PROMPT, 8)
 
 
 def test_layers_auto_with_too_little_memory_is_refused(model_paths):
