@@ -25,11 +25,12 @@ import torch
 from torch import nn
 
 
-def replace_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> int:
-    """Swap every nn.Linear under ``model`` for ``make(linear)``; returns how many were visited."""
+def replace_linears(model: nn.Module, make: Callable[[nn.Module], nn.Module], kinds: tuple = (nn.Linear,)) -> int:
+    """Swap every module of ``kinds`` (nn.Linear) under ``model`` for ``make(module)``;
+    returns how many were visited."""
     # Names only: holding the modules would keep every original weight alive until the
     # end, doubling the peak memory of the conversion.
-    names = [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+    names = [name for name, mod in model.named_modules() if isinstance(mod, kinds)]
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -167,19 +168,13 @@ def make_row_exact(model: nn.Module, device, dtype) -> list[str]:
     order does not depend on the weights, but whether it shows in the probe's outputs
     does. Returns the wrapped names."""
     verdicts: dict[tuple, list[bool]] = {}
-    wrapped = []
-    kinds = (nn.Linear, PackedLinear, Int8Linear)
-    names = [name for name, mod in model.named_modules() if isinstance(mod, kinds)]
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        mod = getattr(parent, child)
-        bias = getattr(mod, "bias", None)
-        kind = (type(mod), mod.in_features, mod.out_features, bias is not None)
+
+    def wrap(mod: nn.Module) -> nn.Module:
+        kind = (type(mod), mod.in_features, mod.out_features, getattr(mod, "bias", None) is not None)
         seen = verdicts.setdefault(kind, [])
         if len(seen) < 2 and not any(seen):
             seen.append(single_row_differs(mod, mod.in_features, device, dtype))
-        if any(seen):
-            setattr(parent, child, RowExact(mod))
-            wrapped.append(name)
-    return wrapped
+        return RowExact(mod) if any(seen) else mod
+
+    replace_linears(model, wrap, kinds=(nn.Linear, PackedLinear, Int8Linear))
+    return [name for name, mod in model.named_modules() if isinstance(mod, RowExact)]

@@ -219,10 +219,8 @@ class NodeWorker:
         while True:
             if not self.scheduler:
                 await self._admit(ws, *await jobs.get())
-            while not jobs.empty():
-                await self._admit(ws, *jobs.get_nowait())
-            batch = self.scheduler.next_batch(self.chunks.size(alone=len(self.sessions) <= 1))
-            batch = await self._gather(ws, jobs, batch)
+            await self._admit_waiting(ws, jobs)
+            batch = await self._gather(ws, jobs, self._next_batch())
             if batch and all(s.count > 1 for s in batch) and not self.chunks.fixed:
                 batch = await self._prompt_only(ws, jobs, batch)
             for slot in [s for s in batch if s.work.msg.start + s.offset != self.sessions[s.work.session].tokens_seen]:
@@ -277,13 +275,9 @@ class NodeWorker:
         share = -(-(decodes + len(expected)) // max(self.groups, 1))
         deadline = now + GATHER * self.chunks.decode_s
         while decodes < share and (left := deadline - time.perf_counter()) > 0:
-            try:
-                await self._admit(ws, *await asyncio.wait_for(jobs.get(), timeout=left))
-            except asyncio.TimeoutError:
+            if not await self._wait_and_admit(ws, jobs, left):
                 break
-            while not jobs.empty():
-                await self._admit(ws, *jobs.get_nowait())
-            batch = self.scheduler.next_batch(self.chunks.size(alone=len(self.sessions) <= 1))
+            batch = self._next_batch()
             decodes = sum(1 for s in batch if s.count == 1)
         return batch
 
@@ -294,35 +288,42 @@ class NodeWorker:
         step when not even a short chunk would); on a chain whose nodes share one machine
         the first node leaves the cores to the others while a step is on its way, and takes
         the next chunk with that step."""
-        def refill(limit: int | None = None) -> list[Slot]:
-            return self.scheduler.next_batch(limit or self.chunks.size(alone=len(self.sessions) <= 1))
-
-        async def wait_for_job(timeout: float) -> bool:
-            try:
-                await self._admit(ws, *await asyncio.wait_for(jobs.get(), timeout=timeout))
-            except asyncio.TimeoutError:
-                return False
-            while not jobs.empty():
-                await self._admit(ws, *jobs.get_nowait())
-            return True
-
         if self.groups == 1 and self.shard.is_first:
             deadline = time.perf_counter() + 1.0
             while self.arrivals.expected(time.perf_counter()) and (left := deadline - time.perf_counter()) > 0:
-                if not await wait_for_job(left):
+                if not await self._wait_and_admit(ws, jobs, left):
                     break
-                batch = refill()
+                batch = self._next_batch()
                 if any(s.count == 1 for s in batch):
                     break
             return batch
         fit = self.chunks.fit(self.arrivals.due_in(time.perf_counter()))
         if fit == 0:  # a streaming session's step is due before any chunk could finish
-            await wait_for_job(0.05)
-            batch = refill()
-            return batch if any(s.count == 1 for s in batch) else refill(self.chunks.low)
+            await self._wait_and_admit(ws, jobs, 0.05)
+            batch = self._next_batch()
+            return batch if any(s.count == 1 for s in batch) else self._next_batch(self.chunks.low)
         if fit is not None:
-            return refill(min(fit, self.chunks.size(alone=False)))
+            return self._next_batch(min(fit, self.chunks.size(alone=False)))
         return batch
+
+    def _next_batch(self, chunk: int | None = None) -> list[Slot]:
+        """The scheduler's next batch, with prompt tokens up to ``chunk`` (default: the
+        chunk sizer's, taking a prompt whole when no other session holds a cache here)."""
+        return self.scheduler.next_batch(chunk or self.chunks.size(alone=len(self.sessions) <= 1))
+
+    async def _admit_waiting(self, ws, jobs: asyncio.Queue) -> None:
+        while not jobs.empty():
+            await self._admit(ws, *jobs.get_nowait())
+
+    async def _wait_and_admit(self, ws, jobs: asyncio.Queue, timeout: float) -> bool:
+        """Wait up to ``timeout`` for the next frame, then admit it and all that came with
+        it; False if none came."""
+        try:
+            await self._admit(ws, *await asyncio.wait_for(jobs.get(), timeout=timeout))
+        except asyncio.TimeoutError:
+            return False
+        await self._admit_waiting(ws, jobs)
+        return True
 
     def _error(self, msg: Forward, code: str, message: str) -> bytes:
         return encode(Error(session=msg.session, seq=msg.seq, src=self.node_id, code=code, message=message))

@@ -22,6 +22,7 @@ from ..models.checkpoint import ModelError
 from ..protocol import errors as E
 from ..protocol.framing import decode, encode
 from ..protocol.messages import CloseSession, Error, Generate, OpenSession, Result, Sampling, SessionOpened
+from . import auth
 from .api_params import ApiError, CompletionParams, parse
 
 # Relay error codes as HTTP statuses: a missing model is the client's to fix (404), a
@@ -68,7 +69,6 @@ class Outcome:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str | None = None
-    fingerprint: str = ""
 
 
 class OpenAIApi:
@@ -82,8 +82,7 @@ class OpenAIApi:
 
     def _check_auth(self, request: web.Request) -> None:
         tokens = self.server.tokens
-        header = request.headers.get("Authorization", "")
-        token = header[7:].strip() if header.startswith("Bearer ") else ""
+        token = auth.bearer_token(request.headers).strip()
         if tokens is not None and not tokens.allows("consumer", token):
             why = "wrong API key" if token else "no API key: send 'Authorization: Bearer TOKEN' with the relay's consumer token"
             raise ApiError(401, f"not authorized: {why}", code="invalid_api_key")
@@ -179,7 +178,7 @@ class OpenAIApi:
         max_tokens = self._budget(opened, len(ids), params.max_tokens)
         await consumer.send(Generate(session=opened.session, tokens=ids, max_tokens=max_tokens, ignore_eos=params.ignore_eos))
         stream = Stream(request, params, opened) if params.stream else None
-        outcome = Outcome(prompt_tokens=len(ids), fingerprint=opened.fingerprint)
+        outcome = Outcome(prompt_tokens=len(ids))
         decoder, stops = StreamDecoder(tokenizer), StopFilter(params.stop)
         while outcome.finish_reason is None:
             msg = await consumer.receive()

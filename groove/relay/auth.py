@@ -89,3 +89,9 @@ def local_token(role: str, explicit: str | None = None) -> str:
         return (read(path).__dict__[role] or [""])[0]
     except AuthError:
         return ""
+
+
+def bearer_token(headers) -> str:
+    """The token of an ``Authorization: Bearer TOKEN`` header, or ''."""
+    header = headers.get("Authorization", "")
+    return header[7:] if header.startswith("Bearer ") else ""

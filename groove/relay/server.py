@@ -78,8 +78,7 @@ class RelayServer:
     def authorized(self, request: web.Request) -> bool:
         if self.tokens is None:
             return True
-        header = request.headers.get("Authorization", "")
-        token = header[7:] if header.startswith("Bearer ") else ""
+        token = auth.bearer_token(request.headers)
         return self.tokens.allows("consumer", token) or self.tokens.allows("node", token)
 
     async def status_handler(self, request: web.Request) -> web.Response:
