@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-sessions-per-consumer", type=int, default=64, help="open sessions per consumer connection")
     p.add_argument("--max-queued-frames", type=int, default=1024, help="frames waiting for a slow reader before it is dropped")
     p.add_argument("--handshake-timeout", type=float, default=10.0, help="seconds a new connection has to say hello")
+    p.add_argument("--speculative", default="none", choices=["none", "ngram"],
+                   help="the HTTP API's default: ngram drafts the next tokens from the text so far (a request's 'speculative' overrides it)")
     p.add_argument("-v", "--verbose", action="store_true")
 
     p = sub.add_parser("node", help="serve a slice of a model's layers")
@@ -210,7 +212,8 @@ def _relay(args) -> int:
         asyncio.run(serve(args.host, args.port, tokens=tokens, tls=tls, node_timeout=args.node_timeout, session_ttl=args.session_ttl,
                           max_connections_per_address=args.max_connections_per_address,
                           max_session_tokens=args.max_session_tokens, handshake_timeout=args.handshake_timeout,
-                          max_sessions_per_consumer=args.max_sessions_per_consumer, outbound_queue=args.max_queued_frames))
+                          max_sessions_per_consumer=args.max_sessions_per_consumer, outbound_queue=args.max_queued_frames,
+                          speculative="" if args.speculative == "none" else args.speculative))
     except OSError as exc:
         print(f"error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1

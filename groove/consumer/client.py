@@ -49,6 +49,7 @@ class Step:
     token: int | None
     finish: str
     logits: object = None  # float32 tensor when requested
+    last_of_step: bool = False  # the last token of a pipeline step (a step yields several with speculation)
 
 
 class Client:
@@ -123,12 +124,15 @@ class Client:
                 fut.set_result(header)
             return
         if header.session in self._streams:
-            if isinstance(header, Result) and header.dtype:
-                from ..protocol.tensors import from_bytes
+            if isinstance(header, Result):
+                logits = None
+                if header.dtype:
+                    from ..protocol.tensors import from_bytes
 
-                self._streams[header.session].put_nowait(Step(header.token, header.finish, from_bytes(bytes(payload), header.dtype, header.shape)))
-            elif isinstance(header, Result):
-                self._streams[header.session].put_nowait(Step(header.token, header.finish))
+                    logits = from_bytes(bytes(payload), header.dtype, header.shape)
+                for token in header.accepted:  # guesses the pipeline verified, then its own token
+                    self._streams[header.session].put_nowait(Step(token, ""))
+                self._streams[header.session].put_nowait(Step(header.token, header.finish, logits, last_of_step=True))
             elif isinstance(header, Error):
                 self._streams[header.session].put_nowait(GrooveError(header.code, header.message, [[r.first, r.last] for r in header.missing]))
 
@@ -158,11 +162,15 @@ class Client:
         return SessionInfo(reply.session, reply.model, reply.fingerprint, reply.pipeline, [[r.first, r.last] for r in reply.ranges])
 
     async def generate(self, session: SessionInfo | str, tokens: list[int], max_tokens: int, *, want_logits: bool = False,
-                       ignore_eos: bool = False) -> AsyncIterator[Step]:
-        """Append ``tokens`` to the session and yield each generated token as it arrives."""
+                       ignore_eos: bool = False, speculative: str = "", draft_tokens: int = 0) -> AsyncIterator[Step]:
+        """Append ``tokens`` to the session and yield each generated token as it arrives.
+        ``speculative="ngram"``: the relay guesses the next tokens from n-grams already in
+        the session and the pipeline verifies them, ``draft_tokens`` at a time (0: adaptive);
+        greedy output is unchanged, and so is the distribution of sampled output."""
         sid = session.id if isinstance(session, SessionInfo) else session
         queue = self._streams[sid]
-        await self._ws.send_bytes(encode(Generate(session=sid, tokens=list(tokens), max_tokens=max_tokens, want_logits=want_logits, ignore_eos=ignore_eos)))
+        await self._ws.send_bytes(encode(Generate(session=sid, tokens=list(tokens), max_tokens=max_tokens, want_logits=want_logits,
+                                                  ignore_eos=ignore_eos, speculative=speculative, draft_tokens=draft_tokens)))
         while True:
             item = await queue.get()
             if isinstance(item, GrooveError):

@@ -24,6 +24,41 @@ def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator)
     """``logits``: float32 vector over the vocabulary."""
     if sampling.temperature <= 0:
         return int(torch.argmax(logits))
+    return int(torch.multinomial(probabilities(logits, sampling), 1, generator=generator))
+
+
+def verify(logits: torch.Tensor, drafts: list[int], sampling: Sampling, generator: torch.Generator) -> list[int]:
+    """Speculative decoding's check on the last node. ``logits[i]`` follows the step's
+    real token (i = 0) or its i-th guess; returns the guesses kept, then one more token.
+
+    Greedy: keep each guess that is the argmax, then add the argmax where they part, so
+    the tokens are exactly those of decoding one at a time. Sampling: a guess is a draw
+    from a distribution q with all its mass on it, so speculative sampling (Leviathan et
+    al., Chen et al., 2023) keeps it with probability min(1, p/q) = p(guess) and otherwise
+    draws from the residual max(0, p - q) normalised, which is p without the guess: each
+    token is then distributed exactly as ``sample`` would draw it."""
+    out: list[int] = []
+    for i, guess in enumerate(drafts):
+        if sampling.temperature <= 0:
+            token = int(torch.argmax(logits[i]))
+            out.append(token)
+            if token != guess:
+                return out
+            continue
+        p = probabilities(logits[i], sampling)
+        if float(torch.rand((), generator=generator)) < float(p[guess]):
+            out.append(guess)
+            continue
+        residual = p.clone()
+        residual[guess] = 0
+        out.append(int(torch.multinomial(residual, 1, generator=generator)))  # multinomial normalises
+        return out
+    out.append(sample(logits[len(drafts)], sampling, generator))
+    return out
+
+
+def probabilities(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """The distribution ``sample`` draws from: temperature, then top-k, then top-p."""
     scores = logits.float().cpu() / sampling.temperature
     if sampling.top_k > 0:
         k = min(sampling.top_k, scores.numel())
@@ -35,5 +70,4 @@ def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator)
         drop = cumulative <= (1 - sampling.top_p)
         drop[-1] = False  # always keep the most likely token
         scores = scores.masked_fill(drop.scatter(0, order, drop), float("-inf"))
-    probs = scores.softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return scores.softmax(-1)

@@ -37,6 +37,11 @@ class Work:
     def left(self) -> int:
         return self.msg.count - self.done
 
+    @property
+    def decode(self) -> bool:
+        """A decode step: one token, or one token and guesses at the next (never split)."""
+        return self.left == 1 or bool(self.msg.drafts)
+
 
 @dataclass
 class Slot:
@@ -49,6 +54,10 @@ class Slot:
     @property
     def ends_step(self) -> bool:
         return self.offset + self.count == self.work.msg.count
+
+    @property
+    def decode(self) -> bool:
+        return self.count == 1 or bool(self.work.msg.drafts)
 
 
 class Scheduler:
@@ -69,9 +78,9 @@ class Scheduler:
         heads: dict[str, Work] = {}  # each session's oldest waiting work: the only one that may run
         for w in self.queue:
             heads.setdefault(w.session, w)
-        decodes = [w for w in heads.values() if w.left == 1]
-        prompts = [w for w in heads.values() if w.left > 1]
-        batch = [Slot(w, w.done, 1) for w in decodes[: self.max_batch]]
+        decodes = [w for w in heads.values() if w.decode]
+        prompts = [w for w in heads.values() if not w.decode]
+        batch = [Slot(w, w.done, w.left) for w in decodes[: self.max_batch]]
         budget = chunk
         for w in prompts:
             if budget <= 0 or len(batch) >= self.max_batch:

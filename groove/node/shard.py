@@ -10,6 +10,12 @@ the same kernels with the same shapes as transformers' own forward, so a session
 gets transformers' results bit for bit; linear layers whose kernels round a one-row call
 differently (``linears.RowExact``) keep decode steps in one-row calls, so a session's
 results do not depend on what else is in its batch either.
+
+A speculative step (a token and the guesses after it) runs each of its rows as a decode
+step would: one-row calls in those linear layers and one attention call per row, against
+the cache as it stands at that row. Its logits are then bit for bit those of decoding the
+same tokens one by one, so verified guesses never change greedy output. A later step that
+starts before the end of the cache (at the first rejected guess) drops the rest first.
 """
 
 from __future__ import annotations
@@ -34,6 +40,17 @@ class SessionState:
     cache: object
     generator: torch.Generator
     tokens_seen: int = 0
+    # Positions from here on are guesses not yet verified: a step may start anywhere from
+    # here to ``tokens_seen``, and the cache drops what lies past its start.
+    settled: int = 0
+
+    def can_start(self, start: int) -> bool:
+        return self.settled <= start <= self.tokens_seen
+
+    def rewind(self, start: int) -> None:
+        if start < self.tokens_seen:
+            self.cache.crop(start - self.tokens_seen)
+            self.tokens_seen = start
 
 
 @dataclass
@@ -46,6 +63,11 @@ class Piece:
     tokens: list[int] | None = None
     hidden: torch.Tensor | None = None
     want_output: bool = True  # last node: logits of the piece's last position
+    drafts: int = 0  # its last rows are guesses: each row runs as a decode step would
+
+    @property
+    def rows_apart(self) -> bool:
+        return self.drafts > 0
 
     @property
     def count(self) -> int:
@@ -59,6 +81,7 @@ class Shard:
         self.head = loaded.model.lm_head
         self.layers = list(self.body.layers[: loaded.config.num_hidden_layers])
         self.inner_attention = attention.use_batched(loaded.model.config)
+        self.exact = batch_exact
         self.row_exact = linears.make_row_exact(loaded.model, loaded.device, loaded.dtype) if batch_exact else []
 
     @property
@@ -81,10 +104,13 @@ class Shard:
     @torch.inference_mode()
     def run(self, pieces: list[Piece]) -> list[torch.Tensor | None]:
         """Hidden states ``[1, n, hidden]`` per piece (not last), or float32 logits
-        ``[vocab]`` per piece that wants them (last node; None for the others)."""
+        ``[vocab]`` per piece that wants them (last node; None for the others); for a piece
+        with guesses, logits ``[guesses + 1, vocab]``: after its last real token and after
+        each guess."""
         for p in pieces:
-            if p.start != p.state.tokens_seen:
+            if not p.state.can_start(p.start):
                 raise CacheMismatch(f"step starts at position {p.start} but this node's cache holds {p.state.tokens_seen} positions")
+            p.state.rewind(p.start)
         if len({id(p.state) for p in pieces}) != len(pieces):
             raise ValueError("a batch holds at most one piece per session")
         dev = self.s.device
@@ -96,9 +122,14 @@ class Shard:
             h = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         position_ids = torch.cat([torch.arange(p.start, p.start + p.count, device=dev) for p in pieces]).unsqueeze(0)
         batch = attention.Batch(self.inner_attention)
-        offset = 0
+        offsets, offset = [], 0
         for p in pieces:
-            batch.add(p.state.cache, p.start, offset, p.count)
+            offsets.append(offset)
+            if p.rows_apart and self.exact:
+                for j in range(p.count):
+                    batch.add(p.state.cache, p.start + j, offset + j, 1)
+            else:
+                batch.add(p.state.cache, p.start, offset, p.count)
             offset += p.count
         position_embeddings = self.body.rotary_emb(h, position_ids=position_ids)
         # The batch is both the cache (it files each piece's keys and values in its own
@@ -110,14 +141,18 @@ class Shard:
             h = self.body.norm(h)
         for p in pieces:
             p.state.tokens_seen += p.count
+            p.state.settled = p.state.tokens_seen - p.drafts
         if not self.is_last:
-            return [h[:, a : a + n] for a, n in zip(batch.offsets, batch.counts)]
-        wanted = [i for i, p in enumerate(pieces) if p.want_output]
+            return [h[:, a : a + p.count] for a, p in zip(offsets, pieces)]
+        wanted = [(i, a + p.count - 1 - p.drafts, p.drafts + 1) for i, (a, p) in enumerate(zip(offsets, pieces)) if p.want_output]
         out: list[torch.Tensor | None] = [None] * len(pieces)
         if wanted:
-            rows = h[:, [batch.offsets[i] + batch.counts[i] - 1 for i in wanted], :] if len(pieces) > 1 else h[:, -1:, :]
-            with linears.row_layout([1] * len(wanted)):  # alone, each is a one-row call
+            index = [first + j for _, first, n in wanted for j in range(n)]
+            rows = h[:, index, :] if h.shape[1] != 1 else h
+            with linears.row_layout([1] * len(index)):  # alone, each is a one-row call
                 logits = self.head(rows)[0].float()
-            for j, i in enumerate(wanted):
-                out[i] = logits[j]
+            row = 0
+            for i, _, n in wanted:
+                out[i] = logits[row] if not pieces[i].drafts else logits[row : row + n]
+                row += n
         return out

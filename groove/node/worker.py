@@ -43,7 +43,7 @@ from ..protocol.messages import (
 from ..models.checkpoint import files_digest
 from ..protocol.address import client_ssl, relay_url
 from ..protocol.tensors import from_bytes, to_bytes, to_wire
-from .sampling import sample
+from .sampling import sample, verify
 from .scheduler import Arrivals, ChunkSizer, Scheduler, Slot, Work
 from .shard import Piece, Shard, SessionState
 
@@ -221,9 +221,9 @@ class NodeWorker:
                 await self._admit(ws, *await jobs.get())
             await self._admit_waiting(ws, jobs)
             batch = await self._gather(ws, jobs, self._next_batch())
-            if batch and all(s.count > 1 for s in batch) and not self.chunks.fixed:
+            if batch and not any(s.decode for s in batch) and not self.chunks.fixed:
                 batch = await self._prompt_only(ws, jobs, batch)
-            for slot in [s for s in batch if s.work.msg.start + s.offset != self.sessions[s.work.session].tokens_seen]:
+            for slot in [s for s in batch if not self.sessions[s.work.session].can_start(s.work.msg.start + s.offset)]:
                 held = self.sessions.pop(slot.work.session).tokens_seen
                 self.scheduler.drop(slot.work.session)
                 batch.remove(slot)
@@ -246,7 +246,7 @@ class NodeWorker:
                 self.compute_s += elapsed
                 self.steps += 1
                 self.pieces += len(batch)
-                self.chunks.observe(elapsed, sum(s.count for s in batch if s.work.msg.count > 1))
+                self.chunks.observe(elapsed, sum(s.count for s in batch if not s.decode))
                 self.scheduler.finish(batch)
                 now = time.perf_counter()
                 for slot in batch:
@@ -267,7 +267,7 @@ class NodeWorker:
         are due, so that small groups merge. Only the first node of a chain waits: groups
         keep together through the others, and two nodes each holding one group for the
         other would only wait each other out."""
-        decodes = sum(1 for s in batch if s.count == 1)
+        decodes = sum(1 for s in batch if s.decode)
         if not decodes or self.chunks.decode_s is None or not self.shard.is_first:
             return batch
         now = time.perf_counter()
@@ -278,7 +278,7 @@ class NodeWorker:
             if not await self._wait_and_admit(ws, jobs, left):
                 break
             batch = self._next_batch()
-            decodes = sum(1 for s in batch if s.count == 1)
+            decodes = sum(1 for s in batch if s.decode)
         return batch
 
     async def _prompt_only(self, ws, jobs: asyncio.Queue, batch: list[Slot]) -> list[Slot]:
@@ -294,14 +294,14 @@ class NodeWorker:
                 if not await self._wait_and_admit(ws, jobs, left):
                     break
                 batch = self._next_batch()
-                if any(s.count == 1 for s in batch):
+                if any(s.decode for s in batch):
                     break
             return batch
         fit = self.chunks.fit(self.arrivals.due_in(time.perf_counter()))
         if fit == 0:  # a streaming session's step is due before any chunk could finish
             await self._wait_and_admit(ws, jobs, 0.05)
             batch = self._next_batch()
-            return batch if any(s.count == 1 for s in batch) else self._next_batch(self.chunks.low)
+            return batch if any(s.decode for s in batch) else self._next_batch(self.chunks.low)
         if fit is not None:
             return self._next_batch(min(fit, self.chunks.size(alone=False)))
         return batch
@@ -352,6 +352,10 @@ class NodeWorker:
                 self.scheduler.add(Work(msg, payload))
 
     def _check(self, msg: Forward, payload) -> ProtocolError | None:
+        if msg.drafts and (len(msg.drafts) >= msg.count or not all(0 <= t < self.vocab_size for t in msg.drafts)):
+            return ProtocolError(E.BAD_REQUEST, f"{len(msg.drafts)} guesses in a step of {msg.count} positions, or guesses outside the vocabulary")
+        if msg.drafts and self.shard.is_first and msg.tokens is not None and msg.tokens[len(msg.tokens) - len(msg.drafts) :] != msg.drafts:
+            return ProtocolError(E.BAD_REQUEST, "the guesses must be the step's last tokens")
         if self.shard.is_first:
             if msg.tokens is None or len(msg.tokens) != msg.count or msg.count < 1:
                 return ProtocolError(E.BAD_REQUEST, "the first node needs token ids")
@@ -372,6 +376,7 @@ class NodeWorker:
                 hidden = from_bytes(slot.work.payload, msg.dtype, msg.shape)
                 pieces.append(Piece(state, start, hidden=hidden[:, slot.offset : slot.offset + slot.count]))
             pieces[-1].want_output = slot.ends_step and msg.final
+            pieces[-1].drafts = len(msg.drafts)
         outs = shard.run(pieces)
         frames = []
         for slot, out in zip(batch, outs):
@@ -384,18 +389,31 @@ class NodeWorker:
                 frames.append(encode(Forward(session=msg.session, seq=msg.seq, src=self.node_id, start=msg.start + slot.offset,
                                              count=slot.count, dtype=dtype, shape=shape, remaining=msg.remaining,
                                              want_logits=msg.want_logits, ignore_eos=msg.ignore_eos,
-                                             final=msg.final and slot.ends_step), raw))
+                                             final=msg.final and slot.ends_step, drafts=msg.drafts), raw))
             elif out is not None:
                 frames.append(self._result(msg, self.sessions[msg.session], out))
         return frames
 
     def _result(self, msg: Forward, state: SessionState, logits) -> bytes:
-        token = sample(logits, state.sampling, state.generator)
-        finish = "stop" if token in self.eos_ids and not msg.ignore_eos else ("length" if msg.remaining <= 1 else "")
+        if msg.drafts:
+            produced = verify(logits, msg.drafts, state.sampling, state.generator)
+        else:
+            produced = [sample(logits, state.sampling, state.generator)]
+        finish = ""
+        for i, token in enumerate(produced):  # the turn ends at the first stop token, or at its length
+            if token in self.eos_ids and not msg.ignore_eos:
+                finish = "stop"
+            elif i + 1 >= msg.remaining:
+                finish = "length"
+            if finish:
+                produced = produced[: i + 1]
+                break
+        header = Result(session=msg.session, seq=msg.seq, src=self.node_id, token=produced[-1], accepted=produced[:-1], finish=finish)
         if msg.want_logits:
-            dtype, shape, raw = to_bytes(logits)
-            return encode(Result(session=msg.session, seq=msg.seq, src=self.node_id, token=token, finish=finish, dtype=dtype, shape=shape), raw)
-        return encode(Result(session=msg.session, seq=msg.seq, src=self.node_id, token=token, finish=finish))
+            header.dtype, shape, raw = to_bytes(logits)
+            header.shape = shape
+            return encode(header, raw)
+        return encode(header)
 
     async def _heartbeat_loop(self, ws) -> None:
         last_sent = None

@@ -143,6 +143,14 @@ class Generate(Envelope, tag="generate"):
     max_tokens: int
     want_logits: bool = False
     ignore_eos: bool = False  # benchmarks: always generate max_tokens
+    # Speculative decoding. "ngram": the relay drafts each step's next tokens from n-grams
+    # already in the session (prompt lookup), up to ``draft_tokens`` (0: adaptive). Or the
+    # consumer drafts (a local draft model): ``drafts`` go after ``tokens`` in one step,
+    # and with ``one_step`` the turn ends after that step, so the consumer can draft again.
+    speculative: Literal["", "ngram"] = ""
+    draft_tokens: int = 0
+    drafts: list[int] = []
+    one_step: bool = False
 
 
 class Forward(Envelope, tag="forward"):
@@ -161,14 +169,23 @@ class Forward(Envelope, tag="forward"):
     # False for all but the last chunk of a prompt a node splits up: the last node samples
     # only after the final one.
     final: bool = True
+    # Speculative decoding: the step's last ``len(drafts)`` positions are these guesses (on
+    # the first hop, also the end of ``tokens``; later hops carry them for the last node).
+    # The last node samples after each position and keeps the guesses up to the first that
+    # differs from its own token. A later step may start before the end of the caches (at
+    # the first rejected guess): every node then drops its positions from ``start`` on.
+    drafts: list[int] = []
 
 
 class Result(Envelope, tag="result"):
     """Last node -> relay -> consumer: the sampled token (None after a cancel).
     ``finish`` is '' while generation continues, else 'stop', 'length' or 'cancelled'.
-    With ``want_logits`` the payload holds the last position's float32 logits."""
+    With ``want_logits`` the payload holds the last position's float32 logits. After a
+    step with drafts, ``accepted`` holds the drafts that were kept: the step produced
+    ``accepted + [token]``."""
 
     token: int | None
+    accepted: list[int] = []
     finish: str = ""
     dtype: str = ""
     shape: list[int] = []

@@ -176,7 +176,9 @@ class OpenAIApi:
         opened = await self._open(consumer, params)
         tokenizer, ids = await self._prompt_ids(params, opened)
         max_tokens = self._budget(opened, len(ids), params.max_tokens)
-        await consumer.send(Generate(session=opened.session, tokens=ids, max_tokens=max_tokens, ignore_eos=params.ignore_eos))
+        speculative = self.server.relay.speculative if params.speculative is None else params.speculative
+        await consumer.send(Generate(session=opened.session, tokens=ids, max_tokens=max_tokens, ignore_eos=params.ignore_eos,
+                                     speculative=speculative))
         stream = Stream(request, params, opened) if params.stream else None
         outcome = Outcome(prompt_tokens=len(ids))
         decoder, stops = StreamDecoder(tokenizer), StopFilter(params.stop)
@@ -189,8 +191,11 @@ class OpenAIApi:
                 return stream.response
             if not isinstance(msg, Result) or msg.session != opened.session or msg.token is None:
                 continue
-            outcome.completion_tokens += 1
-            text = stops.push(decoder.push(msg.token))
+            text = ""
+            for token in [*msg.accepted, msg.token]:  # several tokens when guesses were verified
+                if not stops.stopped:
+                    outcome.completion_tokens += 1
+                    text += stops.push(decoder.push(token))
             if msg.finish:
                 text += stops.push(decoder.flush()) + stops.flush()
                 outcome.finish_reason = "length" if msg.finish == "length" else "stop"

@@ -39,6 +39,7 @@ class CompletionParams:
     stream: bool = False
     include_usage: bool = False
     ignore_eos: bool = False
+    speculative: str | None = None  # None: the relay's --speculative default
 
 
 def _bad(message: str, param: str) -> ApiError:
@@ -162,6 +163,11 @@ def parse(body, chat: bool) -> CompletionParams:
     params.stop = _stop(body.get("stop"))
     params.stream = _flag(body, "stream")
     params.ignore_eos = _flag(body, "ignore_eos")
+    speculative = body.get("speculative")  # an extension: "ngram" or "none" (default: the relay's choice)
+    if speculative is not None:
+        if speculative not in ("ngram", "none"):
+            raise _bad(f"'speculative' must be \"ngram\" or \"none\", got {speculative!r}", "speculative")
+        params.speculative = "" if speculative == "none" else speculative
     options = body.get("stream_options")
     if options is not None:
         if not params.stream:

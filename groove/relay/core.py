@@ -48,11 +48,14 @@ from .auth import Tokens
 from .metrics import TokenRate
 from .planner import coverage, explain_gap, plan
 from .registry import NodeInfo, Registry
+from ..drafting.length import DraftLength
+from ..drafting.ngram import NgramDrafter
 from .sessions import Session, SessionTable, Turn
 
 log = logging.getLogger("groove.relay")
 
 MAX_NEW_TOKENS = 1 << 16
+MAX_DRAFT_TOKENS = 32
 
 
 @dataclass
@@ -73,7 +76,7 @@ class Peer:
 class Relay:
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME_BYTES, max_sessions_per_consumer: int = 64,
                  node_timeout: float = 5.0, session_ttl: float = 600.0, auth: Tokens | None = None,
-                 handshake_timeout: float = 10.0, max_session_tokens: int = 32768) -> None:
+                 handshake_timeout: float = 10.0, max_session_tokens: int = 32768, speculative: str = "") -> None:
         self.registry = Registry()
         self.sessions = SessionTable()
         self.peers: dict[str, Peer] = {}
@@ -83,6 +86,9 @@ class Relay:
         self.failovers = 0
         self.sessions_opened = 0
         self.tokens_generated = 0
+        self.drafted = 0  # speculative guesses sent to be verified, and those kept
+        self.accepted = 0
+        self.speculative = speculative  # the HTTP API's default ("ngram" or "")
         self.token_rate = TokenRate()
         self.node_timeout = node_timeout
         self.session_ttl = session_ttl
@@ -340,19 +346,50 @@ class Relay:
         total = len(s.tokens) + len(msg.tokens) + msg.max_tokens
         if total > self.max_session_tokens:
             raise ProtocolError(E.TOO_LARGE, f"the session would reach {total} tokens, over this relay's limit of {self.max_session_tokens}")
-        s.tokens.extend(msg.tokens)
-        if s.processed == len(s.tokens):
+        self._check_speculation(s, msg)
+        if s.processed == len(s.tokens) + len(msg.tokens):
             raise ProtocolError(E.BAD_REQUEST, "nothing to process: send at least one token")
-        s.turn = Turn(step=s.take_seq(), max_tokens=msg.max_tokens, want_logits=msg.want_logits, ignore_eos=msg.ignore_eos)
+        s.tokens.extend(msg.tokens)
+        s.turn = Turn(step=s.take_seq(), max_tokens=msg.max_tokens, want_logits=msg.want_logits, ignore_eos=msg.ignore_eos,
+                      speculative=msg.speculative, given=list(msg.drafts), one_step=msg.one_step)
+        if msg.speculative:
+            if s.ngrams is None:
+                s.ngrams = NgramDrafter()
+            if s.draft_length is None or s.draft_length.fixed != msg.draft_tokens:
+                s.draft_length = DraftLength(fixed=msg.draft_tokens)
         s.last_used = time.monotonic()
         return [self._feed(s)]
 
+    def _check_speculation(self, s: Session, msg: Generate) -> None:
+        if not (msg.speculative or msg.drafts or msg.draft_tokens):
+            return
+        if msg.want_logits:
+            raise ProtocolError(E.BAD_REQUEST, "want_logits cannot be combined with speculative decoding")
+        if msg.speculative and msg.drafts:
+            raise ProtocolError(E.BAD_REQUEST, "send drafts or ask the relay for n-gram drafts, not both")
+        if not 0 <= msg.draft_tokens <= MAX_DRAFT_TOKENS or len(msg.drafts) > MAX_DRAFT_TOKENS:
+            raise ProtocolError(E.BAD_REQUEST, f"at most {MAX_DRAFT_TOKENS} draft tokens per step")
+        bad = [t for t in msg.drafts if not 0 <= t < s.vocab_size]
+        if bad:
+            raise ProtocolError(E.BAD_REQUEST, f"draft token ids {bad[:5]} are outside the vocabulary of {s.vocab_size}")
+
     def _feed(self, s: Session) -> Send:
-        """Send every token not yet in the caches to the first node, as step ``turn.step``."""
+        """Send every token not yet in the caches to the first node, as step ``turn.step``,
+        with guesses at the tokens after it when the turn speculates. Only a decode step (one
+        pending token) carries guesses: a prompt goes through as it would without them."""
+        turn = s.turn
         pending = s.tokens[s.processed :]
-        fwd = Forward(session=s.id, seq=s.turn.step, start=s.processed, count=len(pending), tokens=pending,
-                      remaining=s.turn.max_tokens - s.turn.generated, want_logits=s.turn.want_logits,
-                      ignore_eos=s.turn.ignore_eos)
+        room = turn.max_tokens - turn.generated - 1  # guesses past the turn's end are wasted
+        drafts: list[int] = []
+        if len(pending) == 1 and room > 0:
+            if turn.given:
+                drafts = turn.given[:room]
+            elif turn.speculative == "ngram":
+                drafts = s.ngrams.propose(s.tokens, min(s.draft_length.next(), room))
+        turn.given, turn.drafts = [], drafts
+        fwd = Forward(session=s.id, seq=turn.step, start=s.processed, count=len(pending) + len(drafts), tokens=pending + drafts,
+                      remaining=turn.max_tokens - turn.generated, want_logits=turn.want_logits,
+                      ignore_eos=turn.ignore_eos, drafts=drafts)
         s.processed = len(s.tokens)
         return Send(self.registry.nodes[s.chain[0]].conn, encode(fwd))
 
@@ -391,13 +428,26 @@ class Relay:
         turn = s.turn
         if turn is None or msg.seq != turn.step or msg.token is None:
             return []  # the step of a cancelled turn: its token was never shown to anyone
+        produced = [*msg.accepted, msg.token]
+        if msg.accepted != turn.drafts[: len(msg.accepted)] or turn.generated + len(produced) > turn.max_tokens:
+            out = [self._error(s.consumer, E.NODE_FAILED, f"node {peer.id} kept guesses that were not sent, or too many", session=s.id)]
+            return out + self._close_session(s)
         out = [Send(s.consumer, frame)]
-        s.tokens.append(msg.token)
-        turn.generated += 1
-        self.tokens_generated += 1
-        self.token_rate.add()
+        s.tokens.extend(produced)
+        # The kept guesses are in every node's cache; rejected ones are dropped by the
+        # nodes when the next step starts right after the kept ones.
+        s.processed += len(msg.accepted)
+        if turn.drafts:
+            self.drafted += len(turn.drafts)
+            self.accepted += len(msg.accepted)
+            if turn.speculative:
+                s.draft_length.observe(len(turn.drafts), len(msg.accepted))
+        turn.generated += len(produced)
+        self.tokens_generated += len(produced)
+        for _ in produced:
+            self.token_rate.add()
         s.last_used = time.monotonic()
-        if msg.finish:
+        if msg.finish or turn.one_step:
             s.turn = None
             out.append(self._turn_end(s))
         else:
@@ -459,7 +509,7 @@ class Relay:
             })
         return {
             "relay": {"version": __version__, "uptime_s": round(time.time() - self.started, 1), "sessions": len(self.sessions.sessions),
-                      "failovers": self.failovers},
+                      "failovers": self.failovers, "drafted_tokens": self.drafted, "accepted_tokens": self.accepted},
             "models": models,
             "nodes": [{**n.as_status(), "healthy": time.monotonic() - n.last_seen <= self.node_timeout} for n in sorted(self.registry.nodes.values(), key=lambda n: (n.model, n.first, n.id))],
         }

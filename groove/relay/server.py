@@ -35,10 +35,10 @@ class RelayServer:
     def __init__(self, *, max_frame: int = DEFAULT_MAX_FRAME_BYTES, heartbeat_s: float = 5.0, node_timeout: float = 5.0,
                  session_ttl: float = 600.0, tokens: auth.Tokens | None = None, max_connections_per_address: int = 64,
                  handshake_timeout: float = 10.0, max_session_tokens: int = 32768, outbound_queue: int = OUTBOUND_QUEUE,
-                 max_sessions_per_consumer: int = 64):
+                 max_sessions_per_consumer: int = 64, speculative: str = ""):
         self.relay = Relay(max_frame=max_frame, node_timeout=node_timeout, session_ttl=session_ttl, auth=tokens,
                            handshake_timeout=handshake_timeout, max_session_tokens=max_session_tokens,
-                           max_sessions_per_consumer=max_sessions_per_consumer)
+                           max_sessions_per_consumer=max_sessions_per_consumer, speculative=speculative)
         self.tokens = tokens
         self.max_frame = max_frame
         self.heartbeat_s = heartbeat_s

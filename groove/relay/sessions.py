@@ -10,6 +10,8 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
+from ..drafting.length import DraftLength
+from ..drafting.ngram import NgramDrafter
 from ..protocol.messages import Sampling
 
 
@@ -20,6 +22,10 @@ class Turn:
     generated: int = 0
     want_logits: bool = False
     ignore_eos: bool = False
+    speculative: str = ""  # "ngram": the relay drafts every step
+    given: list[int] = field(default_factory=list)  # the consumer's drafts, for the first step
+    one_step: bool = False  # the consumer drives: the turn ends after one step
+    drafts: list[int] = field(default_factory=list)  # the guesses in the step in flight
 
 
 @dataclass
@@ -39,6 +45,8 @@ class Session:
     # frames are dropped wherever they turn up.
     first_live_seq: int = 0
     failovers: int = 0
+    ngrams: NgramDrafter | None = None
+    draft_length: DraftLength | None = None
     last_used: float = field(default_factory=time.monotonic)
 
     def take_seq(self) -> int:
