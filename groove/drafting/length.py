@@ -43,7 +43,7 @@ class DraftLength:
         else:
             self.k = max(1, self.k - 1)
         if accepted:
-            self.backoff = 0
+            self.backoff = self.pause = 0
         elif self.k == 1:
             self.backoff = min(max(2 * self.backoff, 4), LONGEST_PAUSE)
             self.pause = self.backoff

@@ -57,6 +57,17 @@ def verify(logits: torch.Tensor, drafts: list[int], sampling: Sampling, generato
     return out
 
 
+def end_of_turn(produced: list[int], eos_ids: set[int], remaining: int) -> tuple[list[int], str]:
+    """The tokens of a step that belong to the turn, and how the turn ends: 'stop' at the
+    first stop token, 'length' at ``remaining`` tokens, '' if it goes on."""
+    for i, token in enumerate(produced):
+        if token in eos_ids:
+            return produced[: i + 1], "stop"
+        if i + 1 >= remaining:
+            return produced[: i + 1], "length"
+    return produced, ""
+
+
 def probabilities(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
     """The distribution ``sample`` draws from: temperature, then top-k, then top-p."""
     scores = logits.float().cpu() / sampling.temperature

@@ -78,11 +78,11 @@ class Shard:
     def __init__(self, loaded: LoadedSlice, batch_exact: bool = True):
         self.s = loaded
         self.body = loaded.model.model
-        self.head = loaded.model.lm_head
         self.layers = list(self.body.layers[: loaded.config.num_hidden_layers])
         self.inner_attention = attention.use_batched(loaded.model.config)
         self.exact = batch_exact
         self.row_exact = linears.make_row_exact(loaded.model, loaded.device, loaded.dtype) if batch_exact else []
+        self.head = loaded.model.lm_head  # after make_row_exact, which may wrap it
 
     @property
     def is_first(self) -> bool:

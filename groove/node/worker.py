@@ -43,7 +43,7 @@ from ..protocol.messages import (
 from ..models.checkpoint import files_digest
 from ..protocol.address import client_ssl, relay_url
 from ..protocol.tensors import from_bytes, to_bytes, to_wire
-from .sampling import sample, verify
+from .sampling import end_of_turn, sample, verify
 from .scheduler import Arrivals, ChunkSizer, Scheduler, Slot, Work
 from .shard import Piece, Shard, SessionState
 
@@ -399,15 +399,7 @@ class NodeWorker:
             produced = verify(logits, msg.drafts, state.sampling, state.generator)
         else:
             produced = [sample(logits, state.sampling, state.generator)]
-        finish = ""
-        for i, token in enumerate(produced):  # the turn ends at the first stop token, or at its length
-            if token in self.eos_ids and not msg.ignore_eos:
-                finish = "stop"
-            elif i + 1 >= msg.remaining:
-                finish = "length"
-            if finish:
-                produced = produced[: i + 1]
-                break
+        produced, finish = end_of_turn(produced, set() if msg.ignore_eos else self.eos_ids, msg.remaining)
         header = Result(session=msg.session, seq=msg.seq, src=self.node_id, token=produced[-1], accepted=produced[:-1], finish=finish)
         if msg.want_logits:
             header.dtype, shape, raw = to_bytes(logits)
