@@ -29,6 +29,11 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for a complete pipeline")
+    p.add_argument("--speculative", default="none", choices=["none", "ngram"],
+                   help="ngram: guess the next tokens from n-grams already in the text (the relay drafts; no extra model)")
+    p.add_argument("--draft-model", default=None, metavar="MODEL",
+                   help="a small model with the same tokenizer, run here, guesses the next tokens for the pipeline to verify")
+    p.add_argument("--draft-tokens", type=int, default=0, metavar="K", help="guesses per step (default 0: adaptive, starting at 4)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,6 +5,7 @@ in step, and end to end that greedy output is exactly what it is without specula
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 from collections import Counter
 
@@ -322,3 +323,56 @@ def test_guessed_rows_give_the_logits_of_decode_steps_bit_for_bit(model_paths, d
     assert torch.equal(after, shard.step(again, len(prompt) + 3, tokens=[77]))
     with pytest.raises(Exception, match="cache holds"):
         shard.step(spec, 2, tokens=[1])  # only unverified positions can be dropped
+
+
+def test_a_local_draft_model_gives_the_same_greedy_tokens(model_paths, models_dir):
+    """The consumer drafts with a small model of its own; whether it guesses well (the
+    served model itself) or badly (another, smaller one), greedy output is transformers',
+    across turns of a session too."""
+    from groove.drafting.model import DraftModel
+    from groove.models.synthetic import build_checkpoint
+
+    path = model_paths["llama"]
+    small = build_checkpoint(models_dir / "llama-draft", "llama", num_layers=2, seed=11)
+    with LocalCluster(path, [(0, 2), (3, 5)]) as cluster:
+        for draft_path in (path, small):
+            drafter = DraftModel(draft_path)
+
+            async def run():
+                async with Client(cluster.address) as c:
+                    s = await c.open_session("llama", Sampling(temperature=0), wait=10)
+                    first = [st async for st in c.generate_drafted(s, REPEATING, 30, drafter)]
+                    history = REPEATING + [st.token for st in first]
+                    second = [st async for st in c.generate_drafted(s, [7, 9, 5], 20, drafter, history=history, ignore_eos=True)]
+                    await c.close_session(s)
+                    return first, history, second
+
+            before = fetch_status(cluster.address)["relay"]
+            first, history, second = run_async(run())
+            after = fetch_status(cluster.address)["relay"]
+            assert [st.token for st in first] == reference_generate(path, REPEATING, 30)
+            assert [st.token for st in second] == reference_generate(path, history + [7, 9, 5], 20)
+            assert first[-1].finish and second[-1].finish == "length" and len(second) == 20
+            drafted, accepted = after["drafted_tokens"] - before["drafted_tokens"], after["accepted_tokens"] - before["accepted_tokens"]
+            if draft_path == path:
+                assert drafted > 0 and accepted == drafted  # the served model guesses itself right
+            else:
+                assert drafted > accepted
+
+
+def test_generate_command_speculates_and_refuses_bad_choices(model_paths, tmp_path):
+    from .conftest import groove_cli
+
+    path = model_paths["llama"]
+    with LocalCluster(path, [(0, 5)]) as cluster:
+        args = ["generate", "--relay", cluster.address, "--model", str(path), "--prompt", "a b a b a b", "--temperature", "0",
+                "--max-tokens", "16", "--json"]
+        plain = groove_cli(*args)
+        for extra in (["--speculative", "ngram"], ["--speculative", "ngram", "--draft-tokens", "6"], ["--draft-model", str(path)]):
+            out = groove_cli(*args, *extra)
+            assert out.returncode == 0, out.stderr
+            assert json.loads(out.stdout)["token_ids"] == json.loads(plain.stdout)["token_ids"]
+        for extra, why in ((["--speculative", "ngram", "--draft-model", str(path)], "not both"), (["--draft-tokens", "99"], "--draft-tokens"),
+                           (["--draft-model", str(tmp_path / "nothing")], "--draft-model")):
+            out = groove_cli(*args, *extra)
+            assert out.returncode != 0 and why in out.stderr and "Traceback" not in out.stderr, out.stderr

@@ -179,6 +179,43 @@ class Client:
             if item.finish:
                 return
 
+    async def generate_drafted(self, session: SessionInfo | str, tokens: list[int], max_tokens: int, drafter, *,
+                               history: list[int] | None = None, draft_tokens: int = 0, ignore_eos: bool = False) -> AsyncIterator[Step]:
+        """Like ``generate``, with guesses from a model on this machine (``drafter``: a
+        ``drafting.model.DraftModel``): each step carries the guesses, the pipeline keeps
+        those it would have produced itself, and the draft model guesses again from there.
+        ``history``: the session's tokens before this turn (its earlier turns)."""
+        from ..drafting.length import DraftLength
+
+        sid = session.id if isinstance(session, SessionInfo) else session
+        queue = self._streams[sid]
+        text = list(history or []) + list(tokens)
+        length = DraftLength(fixed=draft_tokens)
+        pending, done = list(tokens), 0
+        while True:
+            left = max_tokens - done
+            # The first step carries the prompt, which goes through without guesses.
+            k = min(length.next(), left - 1) if not pending else 0
+            drafts = await asyncio.to_thread(drafter.propose, text, k) if k > 0 else []
+            await self._ws.send_bytes(encode(Generate(session=sid, tokens=pending, max_tokens=left, drafts=drafts,
+                                                      one_step=True, ignore_eos=ignore_eos)))
+            pending, kept = [], 0
+            while True:
+                item = await queue.get()
+                if isinstance(item, GrooveError):
+                    raise item
+                text.append(item.token)
+                done += 1
+                if not item.last_of_step:
+                    kept += 1
+                finish = item.finish or ("length" if item.last_of_step and done >= max_tokens else "")
+                yield Step(item.token, finish, item.logits, item.last_of_step)
+                if finish:
+                    return
+                if item.last_of_step:
+                    break
+            length.observe(len(drafts), kept)
+
     async def cancel(self, session: SessionInfo | str) -> None:
         """Stop the running generation; returns once the relay has stopped feeding it."""
         sid = session.id if isinstance(session, SessionInfo) else session

@@ -38,13 +38,29 @@ class Completion:
         }
 
 
-async def stream_turn(client: Client, session: SessionInfo, tokenizer, prompt_ids: list[int], max_tokens: int, on_text=None) -> Completion:
-    """Run one turn and collect its tokens, streaming text deltas to ``on_text``."""
+@dataclass
+class Speculation:
+    """How a turn guesses ahead: ``ngram`` (the relay drafts) or a local draft model."""
+
+    kind: str = ""  # "", "ngram" or "model"
+    draft_tokens: int = 0  # 0: adaptive
+    drafter: object = None  # drafting.model.DraftModel for "model"
+
+
+async def stream_turn(client: Client, session: SessionInfo, tokenizer, prompt_ids: list[int], max_tokens: int, on_text=None,
+                      speculation: Speculation | None = None, history: list[int] | None = None) -> Completion:
+    """Run one turn and collect its tokens, streaming text deltas to ``on_text``.
+    ``history``: the session's earlier tokens (a draft model needs the whole text)."""
     result = Completion(model=session.model, prompt_tokens=len(prompt_ids))
     decoder = StreamDecoder(tokenizer)
     t0 = time.perf_counter()
     t_first = None
-    async for step in client.generate(session, prompt_ids, max_tokens):
+    spec = speculation or Speculation()
+    if spec.kind == "model":
+        steps = client.generate_drafted(session, prompt_ids, max_tokens, spec.drafter, history=history, draft_tokens=spec.draft_tokens)
+    else:
+        steps = client.generate(session, prompt_ids, max_tokens, speculative=spec.kind, draft_tokens=spec.draft_tokens)
+    async for step in steps:
         if step.token is None:
             result.finish_reason = step.finish
             break
@@ -81,6 +97,37 @@ def check_sampling(args) -> str | None:
     return None
 
 
+def check_speculation(args) -> str | None:
+    if not 0 <= args.draft_tokens <= 32:
+        return f"--draft-tokens must be between 0 (adaptive) and 32, got {args.draft_tokens}"
+    if args.draft_model and args.speculative == "ngram":
+        return "choose --speculative ngram or --draft-model, not both"
+    return None
+
+
+def speculation_from(args, ref, tokenizer) -> Speculation:
+    """The turn's speculation from the command line; loads the draft model (and checks it
+    tokenizes as the served model does, or its guesses would be other tokens' ids)."""
+    if args.draft_model:
+        from ..drafting.model import DraftModel, DraftModelError
+
+        try:
+            draft_ref = checkpoint.resolve(args.draft_model)
+        except ModelError as exc:
+            raise ModelError(f"--draft-model: {exc}") from None
+        try:
+            draft_tok = load_tokenizer(draft_ref)
+        except ModelError:
+            draft_tok = None
+        if draft_tok is not None and draft_tok.get_vocab() != tokenizer.get_vocab():
+            raise ModelError(f"the draft model {args.draft_model} has another tokenizer than {ref.name}: its guesses would be other words")
+        try:
+            return Speculation("model", args.draft_tokens, DraftModel(draft_ref.local_dir or args.draft_model))
+        except DraftModelError as exc:
+            raise ModelError(str(exc)) from None
+    return Speculation("" if args.speculative == "none" else args.speculative, args.draft_tokens)
+
+
 def local_fingerprint(ref) -> str:
     """The checkpoint's fingerprint when the weights are on this machine (headers only), so
     the relay pairs this consumer's tokenizer with exactly that checkpoint; '' otherwise."""
@@ -98,7 +145,7 @@ def _fail(message: str) -> int:
 
 
 def run_generate(args) -> int:
-    problem = check_sampling(args)
+    problem = check_sampling(args) or check_speculation(args)
     if problem:
         return _fail(problem)
     if args.prompt_file:
@@ -111,6 +158,7 @@ def run_generate(args) -> int:
     try:
         ref = checkpoint.resolve(args.model, args.model_name)
         tokenizer = load_tokenizer(ref)
+        speculation = speculation_from(args, ref, tokenizer)
     except ModelError as exc:
         return _fail(str(exc))
     prompt_ids = tokenizer.encode(prompt)
@@ -122,7 +170,7 @@ def run_generate(args) -> int:
             session = await client.open_session(ref.name, sampling_from(args), fingerprint=local_fingerprint(ref), wait=args.wait)
             try:
                 on_text = None if args.json else (lambda t: (sys.stdout.write(t), sys.stdout.flush()))
-                return await stream_turn(client, session, tokenizer, prompt_ids, args.max_tokens, on_text)
+                return await stream_turn(client, session, tokenizer, prompt_ids, args.max_tokens, on_text, speculation)
             finally:
                 await client.close_session(session)
 
@@ -167,12 +215,13 @@ class Conversation:
 
 
 def run_chat(args) -> int:
-    problem = check_sampling(args)
+    problem = check_sampling(args) or check_speculation(args)
     if problem:
         return _fail(problem)
     try:
         ref = checkpoint.resolve(args.model, args.model_name)
         tokenizer = load_tokenizer(ref)
+        speculation = speculation_from(args, ref, tokenizer)
     except ModelError as exc:
         return _fail(str(exc))
     conv = Conversation(tokenizer, args.system)
@@ -194,7 +243,7 @@ def run_chat(args) -> int:
                     continue
                 ids = conv.next_input(line.rstrip("\n"))
                 reply = await stream_turn(client, session, tokenizer, ids, args.max_tokens,
-                                          lambda t: (sys.stdout.write(t), sys.stdout.flush()))
+                                          lambda t: (sys.stdout.write(t), sys.stdout.flush()), speculation, conv.sent)
                 conv.record(ids, reply)
                 print(flush=True)
                 print(f"[{len(reply.token_ids)} tokens, {reply.tokens_per_s:.1f} tok/s]", file=sys.stderr)
