@@ -127,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sessions at once; above 1, compares their aggregate rate with one session's on the same pipeline")
     p.add_argument("--interfere-prompt", type=int, default=0, metavar="TOKENS",
                    help="with --concurrency: also time a streaming session while a newcomer's prompt of this length prefills")
+    p.add_argument("--speculative", default="none", choices=["none", "ngram"],
+                   help="compare decoding with and without n-gram speculation on the same pipeline")
+    p.add_argument("--draft-model", default=None, metavar="MODEL",
+                   help="compare decoding with and without guesses from this local model (run in the benchmark's process)")
+    p.add_argument("--draft-tokens", type=int, default=0, metavar="K", help="with --speculative: guesses per step (0: adaptive)")
+    p.add_argument("--prompt-style", default="repetitive", choices=["repetitive", "random"],
+                   help="with --speculative: code whose lines repeat (guesses often hold) or random tokens (they rarely do)")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("demo", help="relay + 2 nodes + a generation on a small built-in model")
@@ -339,6 +346,16 @@ def _bench(args) -> int:
     if args.interfere_prompt and args.concurrency < 2:
         print("error: --interfere-prompt goes with --concurrency N (N >= 2)", file=sys.stderr)
         return 2
+    if args.draft_model and args.speculative != "none":
+        print("error: choose --speculative ngram or --draft-model, not both", file=sys.stderr)
+        return 2
+    speculating = args.speculative != "none" or args.draft_model
+    if speculating and args.concurrency > 1:
+        print("error: --speculative and --concurrency are separate benchmarks; choose one", file=sys.stderr)
+        return 2
+    if not 0 <= args.draft_tokens <= 32:
+        print(f"error: --draft-tokens must be between 0 (adaptive) and 32, got {args.draft_tokens}", file=sys.stderr)
+        return 2
     try:
         if args.synthetic:
             if args.synthetic not in SHAPES:
@@ -355,10 +372,15 @@ def _bench(args) -> int:
                                     new_tokens=args.new_tokens, repeat=args.repeat, quantize=args.quantize,
                                     node_args=["--quantize", args.quantize, *args.node_arg], link_latency_ms=args.link_latency_ms)
         if args.concurrency > 1:
-            from .bench import concurrency
+            from .bench import concurrency as kind
 
-            result = concurrency.run(workload, args.concurrency, args.interfere_prompt)
+            result = kind.run(workload, args.concurrency, args.interfere_prompt)
+        elif speculating:
+            from .bench import speculation as kind
+
+            result = kind.run(workload, args.speculative, args.draft_tokens, args.prompt_style, args.draft_model or "")
         else:
+            kind = harness
             result = harness.run(workload)
     except (ModelError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -366,5 +388,5 @@ def _bench(args) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        (concurrency.render if args.concurrency > 1 else harness.render)(result)
+        kind.render(result)
     return 0

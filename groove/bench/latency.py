@@ -61,11 +61,13 @@ class LatencyProxy:
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
+            self._writers.update((writer, up_writer))
+            await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer), return_exceptions=True)
         except OSError:
             writer.close()
-            return
-        self._writers.update((writer, up_writer))
-        await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer), return_exceptions=True)
+        except asyncio.CancelledError:
+            # Stopping: asyncio would otherwise log the cancelled connection as an error.
+            writer.close()
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Read as data comes; a second task writes each chunk once it is ``delay_s`` old."""
