@@ -201,3 +201,22 @@ def test_requests_at_once_are_limited_per_address():
         stream.close()
         wait_until(lambda: fetch_status(cluster.address)["relay"]["sessions"] == 0, timeout=10)
         assert api.completions.create(model=MODEL, prompt="x", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_speculation_through_the_api_keeps_the_text(model_paths):
+    """The relay's --speculative ngram default, and a request's own choice: the greedy text
+    is the same as without, streaming or not, with guesses really made and kept."""
+    with LocalCluster(DEMO_MODEL, [(0, 2), (3, 5)], relay_args=["--speculative", "ngram"]) as cluster:
+        api = client(cluster)
+        prompt = "".join(f">>> print({i})\n{i}\n" for i in range(1, 12))
+        ask = dict(model=MODEL, prompt=prompt, max_tokens=60, temperature=0, extra_body={"ignore_eos": True})
+        plain = api.completions.create(**{**ask, "extra_body": {"ignore_eos": True, "speculative": "none"}})
+        assert fetch_status(cluster.address)["relay"]["drafted_tokens"] == 0
+        default = api.completions.create(**ask)
+        streamed, _, _ = stream_text(api.completions.create(**ask, stream=True))
+        relay = fetch_status(cluster.address)["relay"]
+        assert default.choices[0].text == plain.choices[0].text == streamed
+        assert default.usage.completion_tokens == 60
+        assert relay["drafted_tokens"] > 0 and relay["accepted_tokens"] > 0
+        with pytest.raises(openai.BadRequestError, match="speculative"):
+            api.completions.create(**{**ask, "extra_body": {"speculative": "medusa"}})

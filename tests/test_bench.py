@@ -50,3 +50,21 @@ def test_bench_concurrency_reports_every_figure(tmp_path):
 def test_bench_concurrency_flags_are_checked():
     proc = groove_cli("bench", "--synthetic", "tiny", "--interfere-prompt", "100", timeout=60)
     assert proc.returncode == 2 and "--concurrency" in proc.stderr
+
+
+def test_bench_speculative_compares_with_and_without_guesses(tmp_path, model_paths):
+    """Through a latency proxy, with n-gram guesses and with a local draft model: the
+    greedy tokens are the same as without, and the figures are all there."""
+    for extra in (["--speculative", "ngram"], ["--draft-model", str(model_paths["llama"]), "--draft-tokens", "3"]):
+        proc = groove_cli("bench", "--model", str(model_paths["llama"]), "--dtype", "float32", "--nodes", "2", "--prompt-tokens", "48",
+                          "--new-tokens", "24", "--repeat", "1", "--link-latency-ms", "2", *extra, "--json", timeout=300,
+                          env={"XDG_CACHE_HOME": str(tmp_path)})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert result["same_tokens"] is True and result["link_latency_ms"] == 2
+        assert result["plain_tok_s"] > 0 and result["speculative_tok_s"] > 0 and result["speedup"] > 0
+        assert result["drafted_tokens"] > 0 and 0 <= result["acceptance_rate"] <= 1 and result["tokens_per_step"] >= 1
+    if result["draft_tokens"] == 3:
+        assert result["acceptance_rate"] == 1.0  # the served model is its own draft model here
+    proc = groove_cli("bench", "--synthetic", "tiny", "--speculative", "ngram", "--concurrency", "2", timeout=60)
+    assert proc.returncode == 2 and "--concurrency" in proc.stderr
