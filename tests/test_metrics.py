@@ -55,6 +55,7 @@ def test_metrics_parse_and_move(model_paths):
         assert value(after, "groove_sessions_opened_total") - value(before, "groove_sessions_opened_total") == 1
         assert value(after, "groove_tokens_per_second") > 0
         assert value(after, "groove_failovers_total") == 0
+        assert value(after, "groove_drafted_tokens_total") == value(after, "groove_accepted_tokens_total") == 0
         nodes = {dict(k[1])["layers"]: k for k in after if k[0] == "groove_node_tokens_processed_total"}
         assert set(nodes) == {"0-1", "2-3"}
         for layers, key in nodes.items():

@@ -40,6 +40,8 @@ class RelayCollector:
         yield CounterMetricFamily("groove_sessions_opened", "Sessions opened since start", value=relay.sessions_opened)
         yield CounterMetricFamily("groove_tokens_generated", "Tokens generated since start", value=relay.tokens_generated)
         yield GaugeMetricFamily("groove_tokens_per_second", "Tokens generated per second, last 10 s", value=relay.token_rate.rate())
+        yield CounterMetricFamily("groove_drafted_tokens", "Speculative guesses sent to be verified", value=relay.drafted)
+        yield CounterMetricFamily("groove_accepted_tokens", "Speculative guesses the pipeline kept", value=relay.accepted)
         yield CounterMetricFamily("groove_failovers", "Sessions moved to another chain after losing a node", value=relay.failovers)
         yield GaugeMetricFamily("groove_connections", "Open WebSocket connections", value=len(self.server.sockets))
         yield GaugeMetricFamily("groove_queue_depth", "Frames waiting in the fullest outbound queue",
