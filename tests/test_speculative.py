@@ -71,6 +71,25 @@ def test_draft_length_grows_while_guesses_hold_and_pauses_when_they_fail():
     assert fixed.next() == 5
 
 
+def test_draft_length_weighs_what_a_guess_saves_against_what_it_costs():
+    def settle(plain_s: float, per_guess_s: float, hold: float) -> DraftLength:
+        n = DraftLength()
+        for i in range(60):
+            k = n.next()
+            kept = 0
+            while kept < k and (i * 7 + kept) % 10 < hold * 10:  # a fixed share of guesses holds
+                kept += 1
+            n.observe(k, kept, plain_s + k * per_guess_s)
+        return n
+
+    slow_link = settle(0.085, 0.002, 0.5)  # 80 ms of hops per step: guessing pays even at 50%
+    assert slow_link.best() >= 4 and slow_link.drafted > 100
+    local = settle(0.0065, 0.006, 0.3)  # a guess costs a decode step's time: not worth it at 30%
+    assert local.best() == 0 and local.drafted < 40
+    sure = settle(0.0065, 0.006, 1.0)  # but when guesses always hold it is
+    assert sure.best() == sure.most
+
+
 # --- verification on the last node ------------------------------------------------------
 
 

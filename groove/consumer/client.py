@@ -196,6 +196,7 @@ class Client:
             left = max_tokens - done
             # The first step carries the prompt, which goes through without guesses.
             k = min(length.next(), left - 1) if not pending else 0
+            timed = None if pending else time.monotonic()  # a decode step: what guessing costs, drafting included
             drafts = await asyncio.to_thread(drafter.propose, text, k) if k > 0 else []
             await self._ws.send_bytes(encode(Generate(session=sid, tokens=pending, max_tokens=left, drafts=drafts,
                                                       one_step=True, ignore_eos=ignore_eos)))
@@ -214,7 +215,7 @@ class Client:
                     return
                 if item.last_of_step:
                     break
-            length.observe(len(drafts), kept)
+            length.observe(len(drafts), kept, time.monotonic() - timed if timed is not None else None)
 
     async def cancel(self, session: SessionInfo | str) -> None:
         """Stop the running generation; returns once the relay has stopped feeding it."""

@@ -387,6 +387,7 @@ class Relay:
             elif turn.speculative == "ngram":
                 drafts = s.ngrams.propose(s.tokens, min(s.draft_length.next(), room))
         turn.given, turn.drafts = [], drafts
+        turn.fed_at = time.monotonic() if len(pending) == 1 else None
         fwd = Forward(session=s.id, seq=turn.step, start=s.processed, count=len(pending) + len(drafts), tokens=pending + drafts,
                       remaining=turn.max_tokens - turn.generated, want_logits=turn.want_logits,
                       ignore_eos=turn.ignore_eos, drafts=drafts)
@@ -437,11 +438,10 @@ class Relay:
         # The kept guesses are in every node's cache; rejected ones are dropped by the
         # nodes when the next step starts right after the kept ones.
         s.processed += len(msg.accepted)
-        if turn.drafts:
-            self.drafted += len(turn.drafts)
-            self.accepted += len(msg.accepted)
-            if turn.speculative:
-                s.draft_length.observe(len(turn.drafts), len(msg.accepted))
+        self.drafted += len(turn.drafts)
+        self.accepted += len(msg.accepted)
+        if turn.speculative:
+            s.draft_length.observe(len(turn.drafts), len(msg.accepted), time.monotonic() - turn.fed_at if turn.fed_at else None)
         turn.generated += len(produced)
         self.tokens_generated += len(produced)
         for _ in produced:

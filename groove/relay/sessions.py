@@ -26,6 +26,7 @@ class Turn:
     given: list[int] = field(default_factory=list)  # the consumer's drafts, for the first step
     one_step: bool = False  # the consumer drives: the turn ends after one step
     drafts: list[int] = field(default_factory=list)  # the guesses in the step in flight
+    fed_at: float | None = None  # when the step in flight (a decode step) went out: what guessing costs is timed
 
 
 @dataclass
