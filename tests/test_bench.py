@@ -22,6 +22,9 @@ def test_bench_json_reports_every_figure(tmp_path):
     for link in g["bytes_per_token_per_link"]:
         assert 128 <= link["bytes"] <= 128 + 1024
     assert g["relay_hop_ms_p50"] is not None and len(g["nodes"]) == 2
+    # The same dtype on both sides and exact wires: the logits after the prompt are transformers'.
+    assert result["top_token_equal"] is True and result["logits_error_of_range"] < 1e-3
+    assert result["uncompressed_payload_bytes"] == 64 * 2
     assert all(n["peak_rss_bytes"] > 0 and n["load_s"] > 0 for n in g["nodes"])
 
 
@@ -68,3 +71,15 @@ def test_bench_speculative_compares_with_and_without_guesses(tmp_path, model_pat
         assert result["acceptance_rate"] == 1.0  # the served model is its own draft model here
     proc = groove_cli("bench", "--synthetic", "tiny", "--speculative", "ngram", "--concurrency", "2", timeout=60)
     assert proc.returncode == 2 and "--concurrency" in proc.stderr
+
+
+def test_bench_reports_what_a_compressed_wire_costs(tmp_path):
+    proc = groove_cli("bench", "--synthetic", "tiny", "--dtype", "float32", "--nodes", "2", "--prompt-tokens", "16",
+                      "--new-tokens", "6", "--repeat", "1", "--node-arg=--wire-dtype", "--node-arg=int8", "--json", timeout=300,
+                      env={"XDG_CACHE_HOME": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["uncompressed_payload_bytes"] == 64 * 4
+    for link in result["groove"]["bytes_per_token_per_link"]:  # int8: a byte per value and a 4-byte scale
+        assert 64 + 4 <= link["bytes"] <= 64 + 4 + 1024
+    assert 0 < result["logits_error_of_range"] < 0.1  # rounded activations move the logits, a little

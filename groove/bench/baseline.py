@@ -19,6 +19,7 @@ def main() -> None:
     ap.add_argument("--prompt", required=True, help="comma-separated token ids")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--logits-out", default=None, help="save the logits after the prompt here (float32, torch.save)")
     args = ap.parse_args()
 
     import torch
@@ -39,6 +40,9 @@ def main() -> None:
         out = model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False)
         return time.perf_counter() - start, out[0, ids.shape[1]:].tolist()
 
+    if args.logits_out:
+        with torch.inference_mode():
+            torch.save(model(ids, attention_mask=mask).logits[0, -1].float(), args.logits_out)
     run(2)  # warm-up: first-call allocations and lazy initialisation
     ttft, decode, tokens = [], [], []
     for _ in range(args.repeat):

@@ -58,12 +58,41 @@ def fetch_status(address: str) -> dict:
 
 
 def run_baseline(w: Workload, prompt: list[int]) -> dict:
-    cmd = [sys.executable, "-m", "groove.bench.baseline", "--model", str(w.model), "--dtype", w.dtype,
-           "--prompt", ",".join(map(str, prompt)), "--new-tokens", str(w.new_tokens), "--repeat", str(w.repeat)]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"baseline failed:\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    import tempfile
+
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        logits_path = Path(tmp) / "logits.pt"
+        cmd = [sys.executable, "-m", "groove.bench.baseline", "--model", str(w.model), "--dtype", w.dtype,
+               "--prompt", ",".join(map(str, prompt)), "--new-tokens", str(w.new_tokens), "--repeat", str(w.repeat),
+               "--logits-out", str(logits_path)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"baseline failed:\n{out.stderr[-2000:]}")
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        result["logits"] = torch.load(logits_path)
+    return result
+
+
+async def _first_logits(address: str, model: str, prompt: list[int]):
+    """The pipeline's logits after the prompt (float32, from the last node)."""
+    from ..consumer.client import Client
+    from ..protocol.messages import Sampling
+
+    async with Client(address) as c:
+        s = await c.open_session(model, Sampling(temperature=0), wait=30)
+        steps = [step async for step in c.generate(s, prompt, 1, want_logits=True)]
+        await c.close_session(s)
+    return steps[-1].logits
+
+
+def logits_error(got, want) -> dict:
+    """How far the pipeline's logits are from the baseline's: the largest difference, as
+    is and as a share of the baseline's range, and whether the top token is the same."""
+    err = float((got.float() - want.float()).abs().max())
+    return {"logits_max_abs_error": err, "logits_error_of_range": err / max(float(want.max() - want.min()), 1e-12),
+            "top_token_equal": int(got.argmax()) == int(want.argmax())}
 
 
 async def _timed_generation(address: str, model: str, prompt: list[int], n: int) -> tuple[float, float, list[int]]:
@@ -115,6 +144,7 @@ def run_pipeline(w: Workload, ckpt: checkpoint.Checkpoint, prompt: list[int]) ->
             compute = sum((c2[nid][1] - c1[nid][1]) - (c1[nid][1] - c0[nid][1]) for nid in c2) / (w.new_tokens - 1)
             overheads.append(decode_s / (w.new_tokens - 1) - compute)
         status = fetch_status(cluster.address)
+        logits = asyncio.run(_first_logits(client, name, prompt))
     nodes = sorted(status["nodes"], key=lambda n: n["layers"][0])
     link_bytes = {n["id"]: statistics.median(b[n["id"]] for b in per_token_bytes) for n in nodes}
     return {
@@ -122,6 +152,7 @@ def run_pipeline(w: Workload, ckpt: checkpoint.Checkpoint, prompt: list[int]) ->
         "ttft_s": statistics.median(ttfts),
         "decode_tok_s": statistics.median(rates),
         "token_ids": tokens,
+        "logits": logits,
         "bytes_per_token_per_link": [{"node": n["id"], "layers": n["layers"], "bytes": round(link_bytes[n["id"]], 1)} for n in nodes],
         # Per token, the tokens travels relay->node for each node and node->relay from the last.
         "overhead_per_token_ms": statistics.median(overheads) * 1000,
@@ -156,8 +187,11 @@ def run(w: Workload) -> dict:
         "read_bandwidth_gb_s": bandwidth / 1e9,
         "weight_bytes_per_token": weight_bytes,
         "bandwidth_limit_tok_s": limit,
-        "baseline": {**{k: v for k, v in baseline.items() if k != "token_ids"}, "bandwidth_fraction": baseline["decode_tok_s"] / baseline_limit},
-        "groove": {**{k: v for k, v in pipeline.items() if k != "token_ids"}, "bandwidth_fraction": pipeline["decode_tok_s"] / limit},
+        "baseline": {**{k: v for k, v in baseline.items() if k not in ("token_ids", "logits")}, "bandwidth_fraction": baseline["decode_tok_s"] / baseline_limit},
+        "groove": {**{k: v for k, v in pipeline.items() if k not in ("token_ids", "logits")}, "bandwidth_fraction": pipeline["decode_tok_s"] / limit},
+        # A hidden state's payload per token in the nodes' compute dtype: what --wire-dtype saves on.
+        "uncompressed_payload_bytes": int(ckpt.config["hidden_size"]) * DTYPE_BYTES[w.dtype],
+        **logits_error(pipeline["logits"], baseline["logits"]),
         "decode_ratio": pipeline["decode_tok_s"] / baseline["decode_tok_s"],
         "ttft_ratio": pipeline["ttft_s"] / baseline["ttft_s"],
         "same_tokens_as_baseline": pipeline["token_ids"] == baseline["token_ids"],
@@ -190,6 +224,9 @@ def render(result: dict) -> None:
     t.add_row("relay hop (p50 / p99)", f"{g['relay_hop_ms_p50']:.3f} / {g['relay_hop_ms_p99']:.3f} ms", "", "")
     for link in g["bytes_per_token_per_link"]:
         t.add_row(f"bytes/token, relay<->node {link['layers'][0]}-{link['layers'][1]}", f"{link['bytes']:.0f}", "", "")
+    t.add_row("hidden state payload uncompressed", f"{result['uncompressed_payload_bytes']} B/token", "", "")
+    t.add_row("logits after the prompt: max error", f"{result['logits_max_abs_error']:.3g} ({result['logits_error_of_range']:.2%} of range)",
+              "", "same top token" if result["top_token_equal"] else "TOP TOKEN DIFFERS")
     for n in g["nodes"]:
         t.add_row(f"node {n['layers'][0]}-{n['layers'][1]} peak memory / load", f"{n['peak_rss_bytes'] / 2**20:.0f} MiB / {n['load_s']:.1f} s", "", "")
     t.add_row("greedy tokens equal", "yes" if result["same_tokens_as_baseline"] else
