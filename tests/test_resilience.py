@@ -98,9 +98,13 @@ def replicated(model_paths):
         yield c
 
 
-def test_kill_9_mid_generation_fails_over_with_identical_output(replicated, model_paths):
+@pytest.mark.parametrize("speculative", ["", "ngram"])
+def test_kill_9_mid_generation_fails_over_with_identical_output(replicated, model_paths, speculative):
+    """Also while speculating: the replacement chain replays the session without the
+    guesses that were in flight, and the output is still transformers'."""
     n = 120
-    expected = reference_generate(model_paths["llama"], PROMPT, n)
+    prompt = PROMPT * (3 if speculative else 1)
+    expected = reference_generate(model_paths["llama"], prompt, n)
     pids = node_pids(replicated)
 
     async def run():
@@ -108,7 +112,7 @@ def test_kill_9_mid_generation_fails_over_with_identical_output(replicated, mode
             s = await c.open_session("llama", Sampling(temperature=0), wait=10)
             victim = s.pipeline[1]
             tokens, stamps = [], []
-            async for step in c.generate(s, PROMPT, n):
+            async for step in c.generate(s, prompt, n, speculative=speculative):
                 tokens.append(step.token)
                 stamps.append(time.monotonic())
                 if len(tokens) == 20:
@@ -124,6 +128,8 @@ def test_kill_9_mid_generation_fails_over_with_identical_output(replicated, mode
     assert gap < 10
     st = status(replicated.address)
     assert st["relay"]["failovers"] == 1 and len(st["nodes"]) == 2
+    if speculative:
+        assert st["relay"]["accepted_tokens"] > 0
 
 
 def test_without_a_replica_the_error_is_clear_and_the_relay_keeps_serving(model_paths):
