@@ -151,6 +151,36 @@ def test_speculative_sampling_leaves_the_distribution_unchanged(sampling):
             assert chi_square_p([second[t] for t in range(8)], [kept * float(q) for q in p1]) > 1e-3
 
 
+
+@pytest.mark.parametrize("support", [8, 4], ids=["full", "truncated"])
+def test_sampled_guesses_with_their_distribution_keep_the_model_distribution(support):
+    """A draft model samples its guess from its own q and sends q along: the first token
+    is still distributed as p, and the closer q is to p the more guesses are kept."""
+    from groove.protocol.messages import DraftDist
+
+    sampling = Sampling(temperature=1.0, top_p=1.0)
+    g = torch.Generator().manual_seed(99)
+    logits = torch.randn(2, 8, generator=g) * 1.5
+    p0 = probabilities(logits[0], sampling)
+    trials = 20000
+    for name, draft_logits in (("near", logits[0] + 0.3 * torch.randn(8, generator=g)), ("far", torch.randn(8, generator=g))):
+        q = probabilities(draft_logits, sampling)
+        top = torch.topk(q, support)
+        ids, probs = top.indices.tolist(), (top.values / top.values.sum()).tolist()
+        dist = DraftDist(ids=ids, probs=probs)
+        first, kept = Counter(), 0
+        for _ in range(trials):
+            guess = ids[int(torch.multinomial(torch.tensor(probs), 1, generator=g))]
+            out = verify(logits, [guess], sampling, g, [dist])
+            first[out[0]] += 1
+            kept += len(out) == 2
+        assert chi_square_p([first[t] for t in range(8)], [trials * float(x) for x in p0]) > 1e-3, name
+        # Speculative sampling keeps a guess with probability sum(min(p, q)).
+        qd = torch.zeros(8)
+        qd[ids] = torch.tensor(probs)
+        assert abs(kept / trials - float(torch.minimum(p0, qd).sum())) < 0.02, name
+
+
 # --- the relay ---------------------------------------------------------------------------
 
 
@@ -195,6 +225,23 @@ def test_relay_never_guesses_past_the_turn_and_checks_requests():
         (c, err, _), = h2.send("C", M.Generate(session=sid2, tokens=[1], max_tokens=3, **bad))
         assert isinstance(err, M.Error) and why in err.message
         assert h2.relay.sessions.get(sid2).tokens == []  # a refused request changes nothing
+
+
+def test_relay_checks_the_distributions_of_sampled_guesses():
+    from groove.protocol.messages import DraftDist
+
+    good = DraftDist(ids=[4, 5], probs=[0.25, 0.75])
+    for dists, why in [([good, good], "2 draft distributions for 1"), ([DraftDist(ids=[4, 4], probs=[0.5, 0.5])], "distinct"),
+                       ([DraftDist(ids=[4, 5], probs=[0.5, 0.6])], "sum to 1"), ([DraftDist(ids=[5, 6], probs=[0.5, 0.5])], "positive"),
+                       ([DraftDist(ids=[4, 500], probs=[0.5, 0.5])], "inside the vocabulary")]:
+        h = Harness()
+        sid = _open_two_nodes(h)
+        (_, err, _), = h.send("C", M.Generate(session=sid, tokens=[1], drafts=[4], draft_dists=dists, max_tokens=3))
+        assert isinstance(err, M.Error) and why in err.message, (why, err)
+    h = Harness()
+    sid = _open_two_nodes(h)
+    (_, fwd, _), = h.send("C", M.Generate(session=sid, tokens=[1], drafts=[5], draft_dists=[good], max_tokens=3, one_step=True))
+    assert fwd.draft_dists == [good] and fwd.drafts == [5]
 
 
 def test_consumer_drafts_go_with_one_step_and_the_turn_ends_after_it():
@@ -377,6 +424,30 @@ def test_a_local_draft_model_gives_the_same_greedy_tokens(model_paths, models_di
                 assert drafted > 0 and accepted == drafted  # the served model guesses itself right
             else:
                 assert drafted > accepted
+
+
+def test_a_sampling_draft_model_guesses_from_its_own_distribution(model_paths):
+    """Sampling with the served model as its own draft model: q is p (up to rounding and
+    the cut to 256 tokens; the test model is flat, so the temperature is low enough for
+    those to hold nearly all of p), so nearly every guess is kept, where certain (greedy)
+    guesses would be kept only with probability p(guess); and seeded runs repeat."""
+    from groove.drafting.model import DraftModel
+
+    path = model_paths["llama"]
+    drafter = DraftModel(path)
+    with LocalCluster(path, [(0, 2), (3, 5)]) as cluster:
+        async def run(seed: int) -> list[int]:
+            async with Client(cluster.address) as c:
+                sampling = Sampling(temperature=0.3, top_p=1.0, seed=seed)
+                s = await c.open_session("llama", sampling, wait=10)
+                out = [st.token async for st in c.generate_drafted(s, REPEATING, 40, drafter, sampling=sampling, ignore_eos=True)]
+                await c.close_session(s)
+                return out
+
+        first, again = run_async(run(3)), run_async(run(3))
+        relay = fetch_status(cluster.address)["relay"]
+    assert first == again and len(first) == 40
+    assert relay["drafted_tokens"] > 20 and relay["accepted_tokens"] / relay["drafted_tokens"] > 0.9
 
 
 def test_generate_command_speculates_and_refuses_bad_choices(model_paths, tmp_path):

@@ -180,12 +180,25 @@ class Client:
                 return
 
     async def generate_drafted(self, session: SessionInfo | str, tokens: list[int], max_tokens: int, drafter, *,
-                               history: list[int] | None = None, draft_tokens: int = 0, ignore_eos: bool = False) -> AsyncIterator[Step]:
+                               history: list[int] | None = None, draft_tokens: int = 0, ignore_eos: bool = False,
+                               sampling: Sampling | None = None) -> AsyncIterator[Step]:
         """Like ``generate``, with guesses from a model on this machine (``drafter``: a
         ``drafting.model.DraftModel``): each step carries the guesses, the pipeline keeps
         those it would have produced itself, and the draft model guesses again from there.
-        ``history``: the session's tokens before this turn (its earlier turns)."""
+        ``history``: the session's tokens before this turn (its earlier turns).
+        ``sampling``: the session's, when it samples: guesses are then drawn from the draft
+        model's distribution, which goes with them."""
+        import torch
+
         from ..drafting.length import DraftLength
+
+        generator = None
+        if sampling is not None and sampling.temperature > 0:
+            generator = torch.Generator()
+            if sampling.seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(sampling.seed)
 
         sid = session.id if isinstance(session, SessionInfo) else session
         queue = self._streams[sid]
@@ -197,8 +210,8 @@ class Client:
             # The first step carries the prompt, which goes through without guesses.
             k = min(length.next(), left - 1) if not pending else 0
             timed = None if pending else time.monotonic()  # a decode step: what guessing costs, drafting included
-            drafts = await asyncio.to_thread(drafter.propose, text, k) if k > 0 else []
-            await self._ws.send_bytes(encode(Generate(session=sid, tokens=pending, max_tokens=left, drafts=drafts,
+            drafts, dists = await asyncio.to_thread(drafter.propose, text, k, sampling, generator) if k > 0 else ([], [])
+            await self._ws.send_bytes(encode(Generate(session=sid, tokens=pending, max_tokens=left, drafts=drafts, draft_dists=dists,
                                                       one_step=True, ignore_eos=ignore_eos)))
             pending, kept = [], 0
             while True:

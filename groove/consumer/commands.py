@@ -45,6 +45,7 @@ class Speculation:
     kind: str = ""  # "", "ngram" or "model"
     draft_tokens: int = 0  # 0: adaptive
     drafter: object = None  # drafting.model.DraftModel for "model"
+    sampling: Sampling | None = None  # the session's: a sampling session's draft model samples too
 
 
 async def stream_turn(client: Client, session: SessionInfo, tokenizer, prompt_ids: list[int], max_tokens: int, on_text=None,
@@ -57,7 +58,8 @@ async def stream_turn(client: Client, session: SessionInfo, tokenizer, prompt_id
     t_first = None
     spec = speculation or Speculation()
     if spec.kind == "model":
-        steps = client.generate_drafted(session, prompt_ids, max_tokens, spec.drafter, history=history, draft_tokens=spec.draft_tokens)
+        steps = client.generate_drafted(session, prompt_ids, max_tokens, spec.drafter, history=history, draft_tokens=spec.draft_tokens,
+                                        sampling=spec.sampling)
     else:
         steps = client.generate(session, prompt_ids, max_tokens, speculative=spec.kind, draft_tokens=spec.draft_tokens)
     async for step in steps:
@@ -122,7 +124,7 @@ def speculation_from(args, ref, tokenizer) -> Speculation:
         if draft_tok is not None and draft_tok.get_vocab() != tokenizer.get_vocab():
             raise ModelError(f"the draft model {args.draft_model} has another tokenizer than {ref.name}: its guesses would be other words")
         try:
-            return Speculation("model", args.draft_tokens, DraftModel(draft_ref.local_dir or args.draft_model))
+            return Speculation("model", args.draft_tokens, DraftModel(draft_ref.local_dir or args.draft_model), sampling_from(args))
         except DraftModelError as exc:
             raise ModelError(str(exc)) from None
     return Speculation("" if args.speculative == "none" else args.speculative, args.draft_tokens)

@@ -3,14 +3,22 @@ and the pipeline verifies them in one step (``Client.generate_drafted``).
 
 The draft model keeps its own KV cache of the text so far. Each call brings it in step
 with the session's tokens (dropping its own rejected guesses, feeding what is new) and
-then decodes ``k`` tokens greedily. A greedy guess is a draw from a distribution with all
-its mass on one token, which is what the last node's speculative sampling assumes, so the
-output's distribution is the big model's whatever the draft model says.
+then decodes ``k`` tokens: greedily for a greedy session, or, when the session samples,
+drawn from the draft model's own distribution under the session's sampling settings,
+cut to its most likely tokens holding ``MASS`` of it (at most ``SUPPORT`` tokens, so it
+stays small on the wire). Each sampled guess goes out with that
+distribution q, which the last node's speculative sampling needs: the closer q is to the
+big model's p, the more guesses it keeps, and the output's distribution is p's whatever
+q is.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+
+SUPPORT = 256  # the relay's limit
+MASS = 0.999
 
 
 class DraftModelError(Exception):
@@ -37,10 +45,16 @@ class DraftModel:
         self.seen: list[int] = []  # the tokens in self.cache, in order
         self.torch = torch
 
-    def propose(self, tokens: list[int], k: int) -> list[int]:
-        """Up to ``k`` greedy guesses at what follows ``tokens`` (the session's whole text)."""
+    def propose(self, tokens: list[int], k: int, sampling=None, generator=None) -> tuple[list[int], list]:
+        """Up to ``k`` guesses at what follows ``tokens`` (the session's whole text), and
+        for sampled ones the distribution (``DraftDist``) each was drawn from."""
         if k <= 0 or not tokens:
-            return []
+            return [], []
+        from ..node.sampling import probabilities
+        from ..protocol.messages import DraftDist
+
+        sampled = sampling is not None and sampling.temperature > 0
+        dists: list = []
         torch = self.torch
         common = 0
         for a, b in zip(self.seen, tokens):
@@ -61,7 +75,19 @@ class DraftModel:
                 ids = torch.tensor([feed])
                 out = self.model(input_ids=ids, cache=self.cache, use_cache=True)
                 self.seen += feed
-                token = int(torch.argmax(out.logits[0, -1]))
+                logits = out.logits[0, -1].float()
+                if sampled:
+                    q = probabilities(logits, sampling)
+                    top = torch.topk(q, min(SUPPORT, q.numel()))
+                    enough = int(torch.searchsorted(top.values.cumsum(0), MASS)) + 1
+                    keep = (top.values > 0) & (torch.arange(top.values.numel()) < enough)
+                    probs = top.values[keep].double()
+                    probs = probs / probs.sum()
+                    ids = top.indices[keep]
+                    token = int(ids[torch.multinomial(probs.float(), 1, generator=generator)])
+                    dists.append(DraftDist(ids=ids.tolist(), probs=probs.tolist()))
+                else:
+                    token = int(torch.argmax(logits))
                 guesses.append(token)
                 feed = [token]
-        return guesses
+        return guesses, dists

@@ -27,16 +27,17 @@ def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator)
     return int(torch.multinomial(probabilities(logits, sampling), 1, generator=generator))
 
 
-def verify(logits: torch.Tensor, drafts: list[int], sampling: Sampling, generator: torch.Generator) -> list[int]:
+def verify(logits: torch.Tensor, drafts: list[int], sampling: Sampling, generator: torch.Generator, dists=()) -> list[int]:
     """Speculative decoding's check on the last node. ``logits[i]`` follows the step's
     real token (i = 0) or its i-th guess; returns the guesses kept, then one more token.
 
     Greedy: keep each guess that is the argmax, then add the argmax where they part, so
-    the tokens are exactly those of decoding one at a time. Sampling: a guess is a draw
-    from a distribution q with all its mass on it, so speculative sampling (Leviathan et
-    al., Chen et al., 2023) keeps it with probability min(1, p/q) = p(guess) and otherwise
-    draws from the residual max(0, p - q) normalised, which is p without the guess: each
-    token is then distributed exactly as ``sample`` would draw it."""
+    the tokens are exactly those of decoding one at a time. Sampling: speculative sampling
+    (Leviathan et al., Chen et al., 2023) keeps a guess drawn from q with probability
+    min(1, p/q) and otherwise draws from the residual max(0, p - q) normalised, so each
+    token is distributed exactly as ``sample`` would draw it. ``dists[i]`` (ids, probs) is
+    the q a draft model sampled guess i from; without it a guess is certain (q one-hot:
+    keep it with probability p(guess), else draw from p without it)."""
     out: list[int] = []
     for i, guess in enumerate(drafts):
         if sampling.temperature <= 0:
@@ -46,11 +47,17 @@ def verify(logits: torch.Tensor, drafts: list[int], sampling: Sampling, generato
                 return out
             continue
         p = probabilities(logits[i], sampling)
-        if float(torch.rand((), generator=generator)) < float(p[guess]):
+        q = torch.zeros_like(p)
+        if i < len(dists):
+            q[torch.tensor(dists[i].ids)] = torch.tensor(dists[i].probs, dtype=p.dtype)
+        else:
+            q[guess] = 1.0
+        if float(torch.rand((), generator=generator)) < min(1.0, float(p[guess]) / float(q[guess])):
             out.append(guess)
             continue
-        residual = p.clone()
-        residual[guess] = 0
+        residual = (p - q).clamp(min=0)
+        if float(residual.sum()) <= 0:  # p == q up to rounding: any draw from p is right
+            residual = p
         out.append(int(torch.multinomial(residual, 1, generator=generator)))  # multinomial normalises
         return out
     out.append(sample(logits[len(drafts)], sampling, generator))

@@ -352,6 +352,8 @@ class NodeWorker:
                 self.scheduler.add(Work(msg, payload))
 
     def _check(self, msg: Forward, payload) -> ProtocolError | None:
+        if msg.draft_dists and len(msg.draft_dists) != len(msg.drafts):
+            return ProtocolError(E.BAD_REQUEST, "one distribution per guess")
         if msg.drafts and (len(msg.drafts) >= msg.count or not all(0 <= t < self.vocab_size for t in msg.drafts)):
             return ProtocolError(E.BAD_REQUEST, f"{len(msg.drafts)} guesses in a step of {msg.count} positions, or guesses outside the vocabulary")
         if msg.drafts and self.shard.is_first and msg.tokens is not None and msg.tokens[len(msg.tokens) - len(msg.drafts) :] != msg.drafts:
@@ -389,14 +391,15 @@ class NodeWorker:
                 frames.append(encode(Forward(session=msg.session, seq=msg.seq, src=self.node_id, start=msg.start + slot.offset,
                                              count=slot.count, dtype=dtype, shape=shape, remaining=msg.remaining,
                                              want_logits=msg.want_logits, ignore_eos=msg.ignore_eos,
-                                             final=msg.final and slot.ends_step, drafts=msg.drafts), raw))
+                                             final=msg.final and slot.ends_step, drafts=msg.drafts,
+                                             draft_dists=msg.draft_dists), raw))
             elif out is not None:
                 frames.append(self._result(msg, self.sessions[msg.session], out))
         return frames
 
     def _result(self, msg: Forward, state: SessionState, logits) -> bytes:
         if msg.drafts:
-            produced = verify(logits, msg.drafts, state.sampling, state.generator)
+            produced = verify(logits, msg.drafts, state.sampling, state.generator, msg.draft_dists)
         else:
             produced = [sample(logits, state.sampling, state.generator)]
         produced, finish = end_of_turn(produced, set() if msg.ignore_eos else self.eos_ids, msg.remaining)

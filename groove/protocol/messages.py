@@ -37,6 +37,14 @@ class Range(msgspec.Struct, array_like=True):
     last: int
 
 
+class DraftDist(msgspec.Struct, array_like=True):
+    """The distribution a guess was drawn from (a draft model sampling), sparse: its
+    support and their probabilities. Without one, a guess counts as certain (q one-hot)."""
+
+    ids: list[int]
+    probs: list[float]
+
+
 # --- handshake ---------------------------------------------------------------------------
 
 
@@ -150,6 +158,7 @@ class Generate(Envelope, tag="generate"):
     speculative: Literal["", "ngram"] = ""
     draft_tokens: int = 0
     drafts: list[int] = []
+    draft_dists: list[DraftDist] = []  # one per draft when the consumer sampled them
     one_step: bool = False
 
 
@@ -175,6 +184,7 @@ class Forward(Envelope, tag="forward"):
     # differs from its own token. A later step may start before the end of the caches (at
     # the first rejected guess): every node then drops its positions from ``start`` on.
     drafts: list[int] = []
+    draft_dists: list[DraftDist] = []  # sampled guesses: what each was drawn from
 
 
 class Result(Envelope, tag="result"):

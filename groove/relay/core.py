@@ -56,6 +56,7 @@ log = logging.getLogger("groove.relay")
 
 MAX_NEW_TOKENS = 1 << 16
 MAX_DRAFT_TOKENS = 32
+MAX_DRAFT_SUPPORT = 256  # tokens in a sampled guess's distribution
 
 
 @dataclass
@@ -351,7 +352,7 @@ class Relay:
             raise ProtocolError(E.BAD_REQUEST, "nothing to process: send at least one token")
         s.tokens.extend(msg.tokens)
         s.turn = Turn(step=s.take_seq(), max_tokens=msg.max_tokens, want_logits=msg.want_logits, ignore_eos=msg.ignore_eos,
-                      speculative=msg.speculative, given=list(msg.drafts), one_step=msg.one_step)
+                      speculative=msg.speculative, given=list(msg.drafts), given_dists=list(msg.draft_dists), one_step=msg.one_step)
         if msg.speculative:
             if s.ngrams is None:
                 s.ngrams = NgramDrafter()
@@ -372,6 +373,13 @@ class Relay:
         bad = [t for t in msg.drafts if not 0 <= t < s.vocab_size]
         if bad:
             raise ProtocolError(E.BAD_REQUEST, f"draft token ids {bad[:5]} are outside the vocabulary of {s.vocab_size}")
+        if msg.draft_dists:
+            if len(msg.draft_dists) != len(msg.drafts):
+                raise ProtocolError(E.BAD_REQUEST, f"{len(msg.draft_dists)} draft distributions for {len(msg.drafts)} drafts")
+            for guess, d in zip(msg.drafts, msg.draft_dists):
+                problem = _dist_problem(guess, d, s.vocab_size)
+                if problem:
+                    raise ProtocolError(E.BAD_REQUEST, f"draft distribution for token {guess}: {problem}")
 
     def _feed(self, s: Session) -> Send:
         """Send every token not yet in the caches to the first node, as step ``turn.step``,
@@ -381,16 +389,17 @@ class Relay:
         pending = s.tokens[s.processed :]
         room = turn.max_tokens - turn.generated - 1  # guesses past the turn's end are wasted
         drafts: list[int] = []
+        dists: list = []
         if len(pending) == 1 and room > 0:
             if turn.given:
-                drafts = turn.given[:room]
+                drafts, dists = turn.given[:room], turn.given_dists[:room]
             elif turn.speculative == "ngram":
                 drafts = s.ngrams.propose(s.tokens, min(s.draft_length.next(), room))
-        turn.given, turn.drafts = [], drafts
+        turn.given, turn.given_dists, turn.drafts = [], [], drafts
         turn.fed_at = time.monotonic() if len(pending) == 1 else None
         fwd = Forward(session=s.id, seq=turn.step, start=s.processed, count=len(pending) + len(drafts), tokens=pending + drafts,
                       remaining=turn.max_tokens - turn.generated, want_logits=turn.want_logits,
-                      ignore_eos=turn.ignore_eos, drafts=drafts)
+                      ignore_eos=turn.ignore_eos, drafts=drafts, draft_dists=dists)
         s.processed = len(s.tokens)
         return Send(self.registry.nodes[s.chain[0]].conn, encode(fwd))
 
@@ -513,3 +522,20 @@ class Relay:
             "models": models,
             "nodes": [{**n.as_status(), "healthy": time.monotonic() - n.last_seen <= self.node_timeout} for n in sorted(self.registry.nodes.values(), key=lambda n: (n.model, n.first, n.id))],
         }
+
+
+def _dist_problem(guess: int, d, vocab_size: int) -> str:
+    """Why a sampled guess's distribution is unusable ('' if it is fine): the last node
+    divides by it and subtracts it from the model's, so it must be a real distribution
+    that could have produced the guess."""
+    import math
+
+    if not 1 <= len(d.ids) <= MAX_DRAFT_SUPPORT or len(d.probs) != len(d.ids):
+        return f"1 to {MAX_DRAFT_SUPPORT} token ids, each with a probability"
+    if len(set(d.ids)) != len(d.ids) or not all(0 <= t < vocab_size for t in d.ids):
+        return "token ids must be distinct and inside the vocabulary"
+    if not all(math.isfinite(p) and p >= 0 for p in d.probs) or abs(sum(d.probs) - 1) > 1e-3:
+        return "probabilities must be non-negative and sum to 1"
+    if guess not in d.ids or d.probs[d.ids.index(guess)] <= 0:
+        return "the guess must have a positive probability in it"
+    return ""

@@ -24,6 +24,7 @@ class Turn:
     ignore_eos: bool = False
     speculative: str = ""  # "ngram": the relay drafts every step
     given: list[int] = field(default_factory=list)  # the consumer's drafts, for the first step
+    given_dists: list = field(default_factory=list)  # and the distributions it drew them from
     one_step: bool = False  # the consumer drives: the turn ends after one step
     drafts: list[int] = field(default_factory=list)  # the guesses in the step in flight
     fed_at: float | None = None  # when the step in flight (a decode step) went out: what guessing costs is timed
