@@ -106,3 +106,19 @@ def test_make_row_exact_wraps_only_what_the_probe_finds_different():
         # A layer is wrapped exactly when its one-row calls round differently (the probe
         # may miss a difference that rare inputs show, never invent one).
         assert (name in wrapped) or not differs
+
+
+def test_row_exact_batches_single_rows_up_to_the_size_the_probe_found_safe():
+    """Decode rows go together in calls no larger than the probe's safe size, prompt pieces
+    in calls of their own size: every piece still gets exactly its solo result."""
+    from groove.node.linears import rows_like_one
+
+    layer = _down_projection()
+    safe = rows_like_one(layer, 4864, "cpu", torch.bfloat16)
+    wrapped = RowExact(layer, safe or 512)
+    counts = [1] * 40 + [17, 1, 1, 33, 1]
+    x = torch.randn(1, sum(counts), 4864).to(torch.bfloat16)
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    alone = torch.cat([layer(x[:, a : a + n]) for a, n in zip(starts, counts)], dim=1)
+    with row_layout(counts):
+        assert torch.equal(wrapped(x), alone)

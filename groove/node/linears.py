@@ -125,61 +125,89 @@ def row_layout(counts: list[int]):
 
 
 class RowExact(nn.Module):
-    """A linear layer whose kernel rounds a one-row call differently from a many-row call
-    (oneDNN's bfloat16 matmul does, for Qwen2.5-0.5B's down projection: its one-row path
-    sums in another order). In a batched pass, each single-row piece (a decode step) gets
-    a one-row call of its own, exactly as it would alone; pieces of several rows go
-    together in one call, which rounds each row as a call of its own size would."""
+    """A linear layer whose kernel rounds a row differently depending on how many rows the
+    call has (oneDNN's bfloat16 one-row path sums in another order; on a CPU with AMX its
+    calls of 33 rows or more round unlike smaller ones; MKL's float32 varies by size too).
+    In a batched pass every piece gets the rounding it would get alone: each piece of
+    several rows (a prompt chunk, or a speculative step's rows, which the shard lays out
+    as single rows) gets a call of its own size, and decode steps (single rows) go together
+    in calls of at most ``safe`` rows, the largest size whose rows the probe found equal
+    to one-row calls (1 where even two rows differ)."""
 
-    def __init__(self, inner: nn.Module):
+    def __init__(self, inner: nn.Module, safe: int = 1):
         super().__init__()
         self.inner = inner
+        self.safe = max(1, safe)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         counts = LAYOUT.counts
-        if not counts or len(counts) == 1 or x.dim() != 3 or x.shape[1] != sum(counts) or 1 not in counts:
+        if not counts or len(counts) == 1 or x.dim() != 3 or x.shape[1] != sum(counts):
             return self.inner(x)
-        singles, many, row = [], [], 0
-        for n in counts:
-            (singles if n == 1 else many).extend(range(row, row + n))
-            row += n
-        parts = [self.inner(x[:, j : j + 1]) for j in singles]
-        if many:
-            parts.append(self.inner(x[:, many]))
-        order = torch.tensor(singles + many, device=x.device)
-        out = torch.cat(parts, dim=1)
-        return out[:, torch.argsort(order)]
+        parts, row, singles = [], 0, 0
+        for n in [*counts, 0]:  # a 0 at the end flushes the last run of single rows
+            if n == 1 and singles < self.safe:
+                singles += 1
+                row += 1
+                continue
+            if singles:
+                parts.append(self.inner(x[:, row - singles : row]))
+                singles = 0
+            if n == 1:
+                singles, row = 1, row + 1
+            elif n:
+                parts.append(self.inner(x[:, row : row + n]))
+                row += n
+        if singles:
+            parts.append(self.inner(x[:, row - singles : row]))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
-# Row counts the probe tries: kernels pick paths by size (MKL's float32 matmul rounds 5 rows
-# unlike 1 where it rounds 24 rows like 1), and a pass's pieces come in all of these.
-PROBE_ROWS = (2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32)
+# Row counts the probe tries: kernels pick paths by size, and a pass's pieces come in all of
+# these. MKL's float32 matmul rounds 5 rows unlike 1 where it rounds 24 rows like 1; on a
+# CPU with AMX, oneDNN's bfloat16 matmul rounds 33 rows and more unlike 1 (measured).
+PROBE_ROWS = (2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32, 33, 48, 64, 128, 256, 512)
+
+
+def rows_like_one(linear: nn.Module, in_features: int, device, dtype, rows: tuple[int, ...] = PROBE_ROWS,
+                  checked: int = 8) -> int | None:
+    """The largest call size (of ``rows``) up to which every call gives each row the
+    result of a one-row call: None if all sizes do, 1 if even two rows differ. Rounding
+    differences show in a few outputs only, so each row compared holds all the module's
+    outputs; the first ``checked`` rows and the last of each call are compared (one-row
+    calls of an LM head are too slow to take them all)."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(1, max(rows), in_features, generator=g).to(device=device, dtype=dtype)
+    safe = 1
+    with torch.inference_mode():
+        alone = {j: linear(x[:, j : j + 1]) for j in sorted(set(range(checked)) | {n - 1 for n in rows})}
+        for n in sorted(rows):
+            together = linear(x[:, :n])
+            if any(not torch.equal(together[:, j : j + 1], alone[j]) for j in [*range(min(checked, n)), n - 1]):
+                return safe
+            safe = n
+    return None
 
 
 def single_row_differs(linear: nn.Module, in_features: int, device, dtype, rows: tuple[int, ...] = PROBE_ROWS) -> bool:
-    """Whether the module's one-row results differ from the same rows in a larger call of
-    any of ``rows`` rows. Rounding differences show in a few outputs only, so the probe
-    takes many rows."""
-    g = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(1, max(rows), in_features, generator=g).to(device=device, dtype=dtype)
-    with torch.inference_mode():
-        alone = torch.cat([linear(x[:, j : j + 1]) for j in range(x.shape[1])], dim=1)
-        return any(not torch.equal(linear(x[:, :n]), alone[:, :n]) for n in rows)
+    return rows_like_one(linear, in_features, device, dtype, rows) is not None
 
 
 def make_row_exact(model: nn.Module, device, dtype) -> list[str]:
-    """Wrap every linear layer whose kind fails ``single_row_differs`` in ``RowExact``,
-    probing each kind (class, shape, bias) on its first two layers: a kernel's summation
+    """Wrap every linear layer whose kind (class, shape, bias) rounds rows by call size in
+    ``RowExact``, with the smallest safe size any instance showed. A kernel's summation
     order does not depend on the weights, but whether it shows in the probe's outputs
-    does. Returns the wrapped names."""
-    verdicts: dict[tuple, list[bool]] = {}
+    does, so every instance is probed. Returns the wrapped names."""
+    kinds = (nn.Linear, PackedLinear, Int8Linear)
 
-    def wrap(mod: nn.Module) -> nn.Module:
-        kind = (type(mod), mod.in_features, mod.out_features, getattr(mod, "bias", None) is not None)
-        seen = verdicts.setdefault(kind, [])
-        if len(seen) < 2 and not any(seen):
-            seen.append(single_row_differs(mod, mod.in_features, device, dtype))
-        return RowExact(mod) if any(seen) else mod
+    def kind(mod: nn.Module) -> tuple:
+        return (type(mod), mod.in_features, mod.out_features, getattr(mod, "bias", None) is not None)
 
-    replace_linears(model, wrap, kinds=(nn.Linear, PackedLinear, Int8Linear))
+    safe: dict[tuple, int] = {}
+    for mod in [m for m in model.modules() if isinstance(m, kinds)]:
+        if safe.get(kind(mod)) == 1:
+            continue  # already as strict as it gets
+        found = rows_like_one(mod, mod.in_features, device, dtype)
+        if found is not None:
+            safe[kind(mod)] = min(found, safe.get(kind(mod), found))
+    replace_linears(model, lambda mod: RowExact(mod, safe[kind(mod)]) if kind(mod) in safe else mod, kinds=kinds)
     return [name for name, mod in model.named_modules() if isinstance(mod, RowExact)]
