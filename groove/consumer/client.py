@@ -203,7 +203,8 @@ class Client:
         sid = session.id if isinstance(session, SessionInfo) else session
         queue = self._streams[sid]
         text = list(history or []) + list(tokens)
-        length = DraftLength(fixed=draft_tokens)
+        seeded = sampling is not None and sampling.temperature > 0 and sampling.seed is not None
+        length = DraftLength(fixed=draft_tokens, timed=not seeded)
         pending, done = list(tokens), 0
         while True:
             left = max_tokens - done

@@ -17,6 +17,10 @@ and picks the length ``k`` with the most tokens per second, expected tokens per 
 it then stops for a while (4 steps, doubling up to 64) and tries again, so the estimates
 follow the text and the load. Until both costs are measured it starts at 4 guesses, grows
 by 2 (up to 8) while all hold and shrinks by 1 when one fails.
+
+A seeded sampling session uses that rule alone (``timed=False``): the guesses decide how
+the seeded generator is consumed, so lengths that followed the clock would make the same
+seed give other text on another run.
 """
 
 from __future__ import annotations
@@ -29,8 +33,9 @@ DECAY = 0.8  # weight of the past in the running estimates
 
 
 class DraftLength:
-    def __init__(self, fixed: int = 0, start: int = START, most: int = MOST):
+    def __init__(self, fixed: int = 0, start: int = START, most: int = MOST, timed: bool = True):
         self.fixed = fixed  # --draft-tokens K: always K
+        self.use_clock = timed
         self.most = max(most, fixed)
         self.k = fixed or start
         self.pause = 0  # steps left without drafts
@@ -71,6 +76,8 @@ class DraftLength:
     def observe(self, drafted: int, accepted: int, seconds: float | None = None) -> None:
         """A step came back: ``drafted`` guesses went with it, ``accepted`` held, and it
         took ``seconds`` (None: not timed)."""
+        if not self.use_clock:
+            seconds = None
         if drafted == 0:
             self.since_plain = 0
             if seconds is not None:

@@ -357,7 +357,7 @@ class Relay:
             if s.ngrams is None:
                 s.ngrams = NgramDrafter()
             if s.draft_length is None or s.draft_length.fixed != msg.draft_tokens:
-                s.draft_length = DraftLength(fixed=msg.draft_tokens)
+                s.draft_length = DraftLength(fixed=msg.draft_tokens, timed=not _seeded(s.sampling))
         s.last_used = time.monotonic()
         return [self._feed(s)]
 
@@ -539,3 +539,8 @@ def _dist_problem(guess: int, d, vocab_size: int) -> str:
     if guess not in d.ids or d.probs[d.ids.index(guess)] <= 0:
         return "the guess must have a positive probability in it"
     return ""
+
+
+def _seeded(sampling) -> bool:
+    """A seeded sampling session, whose draft lengths must not follow the clock."""
+    return sampling.temperature > 0 and sampling.seed is not None
