@@ -42,14 +42,14 @@ from ..protocol.messages import (
     TurnEnd,
     Welcome,
 )
+from ..drafting.length import DraftLength
+from ..drafting.ngram import NgramDrafter
 from ..models.checkpoint import TOKENIZER_PATTERNS
 from .placement import PlacementError, Shape, place
 from .auth import Tokens
 from .metrics import TokenRate
 from .planner import coverage, explain_gap, plan
 from .registry import NodeInfo, Registry
-from ..drafting.length import DraftLength
-from ..drafting.ngram import NgramDrafter
 from .sessions import Session, SessionTable, Turn
 
 log = logging.getLogger("groove.relay")
