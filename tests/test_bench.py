@@ -7,11 +7,15 @@ import json
 from .conftest import groove_cli
 
 
-def test_bench_json_reports_every_figure(tmp_path):
-    proc = groove_cli("bench", "--synthetic", "tiny", "--nodes", "2", "--prompt-tokens", "16", "--new-tokens", "6",
-                      "--repeat", "1", "--json", timeout=300, env={"XDG_CACHE_HOME": str(tmp_path)})
+def bench_json(tmp_path, *args: str) -> dict:
+    """``groove bench ARGS --json`` with a cache of its own: the result, once it has succeeded."""
+    proc = groove_cli("bench", *args, "--json", timeout=300, env={"XDG_CACHE_HOME": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_bench_json_reports_every_figure(tmp_path):
+    result = bench_json(tmp_path, "--synthetic", "tiny", "--nodes", "2", "--prompt-tokens", "16", "--new-tokens", "6", "--repeat", "1")
     g, b = result["groove"], result["baseline"]
     assert result["same_tokens_as_baseline"] is True
     assert g["decode_tok_s"] > 0 and b["decode_tok_s"] > 0 and result["decode_ratio"] > 0
@@ -34,11 +38,8 @@ def test_bench_rejects_unknown_shapes():
 
 
 def test_bench_concurrency_reports_every_figure(tmp_path):
-    proc = groove_cli("bench", "--synthetic", "tiny", "--nodes", "2", "--prompt-tokens", "16", "--new-tokens", "24",
-                      "--repeat", "1", "--concurrency", "4", "--interfere-prompt", "200", "--json", timeout=300,
-                      env={"XDG_CACHE_HOME": str(tmp_path)})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = bench_json(tmp_path, "--synthetic", "tiny", "--nodes", "2", "--prompt-tokens", "16", "--new-tokens", "24",
+                        "--repeat", "1", "--concurrency", "4", "--interfere-prompt", "200")
     assert result["concurrency"] == 4 and result["same_tokens_as_alone"] is True
     assert result["single_tok_s"] > 0 and result["aggregate_tok_s"] > 0 and result["speedup"] > 0
     run = result["runs"][0]
@@ -59,11 +60,8 @@ def test_bench_speculative_compares_with_and_without_guesses(tmp_path, model_pat
     """Through a latency proxy, with n-gram guesses and with a local draft model: the
     greedy tokens are the same as without, and the figures are all there."""
     for extra in (["--speculative", "ngram"], ["--draft-model", str(model_paths["llama"]), "--draft-tokens", "3"]):
-        proc = groove_cli("bench", "--model", str(model_paths["llama"]), "--dtype", "float32", "--nodes", "2", "--prompt-tokens", "48",
-                          "--new-tokens", "24", "--repeat", "1", "--link-latency-ms", "2", *extra, "--json", timeout=300,
-                          env={"XDG_CACHE_HOME": str(tmp_path)})
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        result = bench_json(tmp_path, "--model", str(model_paths["llama"]), "--dtype", "float32", "--nodes", "2", "--prompt-tokens", "48",
+                            "--new-tokens", "24", "--repeat", "1", "--link-latency-ms", "2", *extra)
         assert result["same_tokens"] is True and result["link_latency_ms"] == 2
         assert result["plain_tok_s"] > 0 and result["speculative_tok_s"] > 0 and result["speedup"] > 0
         assert result["drafted_tokens"] > 0 and 0 <= result["acceptance_rate"] <= 1 and result["tokens_per_step"] >= 1
@@ -74,11 +72,8 @@ def test_bench_speculative_compares_with_and_without_guesses(tmp_path, model_pat
 
 
 def test_bench_reports_what_a_compressed_wire_costs(tmp_path):
-    proc = groove_cli("bench", "--synthetic", "tiny", "--dtype", "float32", "--nodes", "2", "--prompt-tokens", "16",
-                      "--new-tokens", "6", "--repeat", "1", "--node-arg=--wire-dtype", "--node-arg=int8", "--json", timeout=300,
-                      env={"XDG_CACHE_HOME": str(tmp_path)})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = bench_json(tmp_path, "--synthetic", "tiny", "--dtype", "float32", "--nodes", "2", "--prompt-tokens", "16",
+                        "--new-tokens", "6", "--repeat", "1", "--node-arg=--wire-dtype", "--node-arg=int8")
     assert result["uncompressed_payload_bytes"] == 64 * 4
     for link in result["groove"]["bytes_per_token_per_link"]:  # int8: a byte per value and a 4-byte scale
         assert 64 + 4 <= link["bytes"] <= 64 + 4 + 1024
