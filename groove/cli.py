@@ -346,15 +346,15 @@ def _bench(args) -> int:
     if args.interfere_prompt and args.concurrency < 2:
         print("error: --interfere-prompt goes with --concurrency N (N >= 2)", file=sys.stderr)
         return 2
-    if args.draft_model and args.speculative != "none":
-        print("error: choose --speculative ngram or --draft-model, not both", file=sys.stderr)
+    from .consumer.commands import check_speculation
+
+    problem = check_speculation(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     speculating = args.speculative != "none" or args.draft_model
     if speculating and args.concurrency > 1:
         print("error: --speculative and --concurrency are separate benchmarks; choose one", file=sys.stderr)
-        return 2
-    if not 0 <= args.draft_tokens <= 32:
-        print(f"error: --draft-tokens must be between 0 (adaptive) and 32, got {args.draft_tokens}", file=sys.stderr)
         return 2
     try:
         if args.synthetic:

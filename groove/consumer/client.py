@@ -188,23 +188,15 @@ class Client:
         ``history``: the session's tokens before this turn (its earlier turns).
         ``sampling``: the session's, when it samples: guesses are then drawn from the draft
         model's distribution, which goes with them."""
-        import torch
-
         from ..drafting.length import DraftLength
+        from ..node.sampling import make_generator
 
-        generator = None
-        if sampling is not None and sampling.temperature > 0:
-            generator = torch.Generator()
-            if sampling.seed is None:
-                generator.seed()
-            else:
-                generator.manual_seed(sampling.seed)
+        generator = make_generator(sampling) if sampling is not None and sampling.temperature > 0 else None
 
         sid = session.id if isinstance(session, SessionInfo) else session
         queue = self._streams[sid]
         text = list(history or []) + list(tokens)
-        seeded = sampling is not None and sampling.temperature > 0 and sampling.seed is not None
-        length = DraftLength(fixed=draft_tokens, timed=not seeded)
+        length = DraftLength(fixed=draft_tokens, timed=DraftLength.clocked(sampling))
         pending, done = list(tokens), 0
         while True:
             left = max_tokens - done

@@ -100,8 +100,10 @@ def check_sampling(args) -> str | None:
 
 
 def check_speculation(args) -> str | None:
-    if not 0 <= args.draft_tokens <= 32:
-        return f"--draft-tokens must be between 0 (adaptive) and 32, got {args.draft_tokens}"
+    from ..drafting.length import LIMIT
+
+    if not 0 <= args.draft_tokens <= LIMIT:
+        return f"--draft-tokens must be between 0 (adaptive) and {LIMIT}, got {args.draft_tokens}"
     if args.draft_model and args.speculative == "ngram":
         return "choose --speculative ngram or --draft-model, not both"
     return None

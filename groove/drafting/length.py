@@ -27,6 +27,7 @@ from __future__ import annotations
 
 START = 4
 MOST = 8
+LIMIT = 32  # guesses one step may carry (the relay refuses more)
 LONGEST_PAUSE = 64
 REMEASURE = 32  # steps between plain steps taken only to time one (the load changes)
 DECAY = 0.8  # weight of the past in the running estimates
@@ -109,6 +110,11 @@ class DraftLength:
         elif self.k == 1 and (self.plain_s is None or self.extra_s is None):
             self.backoff = min(max(2 * self.backoff, 4), LONGEST_PAUSE)
             self.pause = self.backoff
+
+    @staticmethod
+    def clocked(sampling) -> bool:
+        """Whether a session's lengths may follow step timings: not for seeded sampling."""
+        return not (sampling is not None and sampling.temperature > 0 and sampling.seed is not None)
 
     @property
     def rate(self) -> float | None:

@@ -143,22 +143,26 @@ class RowExact(nn.Module):
         counts = LAYOUT.counts
         if not counts or len(counts) == 1 or x.dim() != 3 or x.shape[1] != sum(counts):
             return self.inner(x)
-        parts, row, singles = [], 0, 0
-        for n in [*counts, 0]:  # a 0 at the end flushes the last run of single rows
-            if n == 1 and singles < self.safe:
-                singles += 1
-                row += 1
-                continue
-            if singles:
-                parts.append(self.inner(x[:, row - singles : row]))
-                singles = 0
+        parts: list[torch.Tensor] = []
+        row = run = 0  # run: single rows waiting to go out together, just before ``row``
+
+        def flush() -> None:
+            if run:
+                parts.append(self.inner(x[:, row - run : row]))
+
+        for n in counts:
             if n == 1:
-                singles, row = 1, row + 1
-            elif n:
+                run += 1
+                row += 1
+                if run == self.safe:
+                    flush()
+                    run = 0
+            else:
+                flush()
+                run = 0
                 parts.append(self.inner(x[:, row : row + n]))
                 row += n
-        if singles:
-            parts.append(self.inner(x[:, row - singles : row]))
+        flush()
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
@@ -186,10 +190,6 @@ def rows_like_one(linear: nn.Module, in_features: int, device, dtype, rows: tupl
                 return safe
             safe = n
     return None
-
-
-def single_row_differs(linear: nn.Module, in_features: int, device, dtype, rows: tuple[int, ...] = PROBE_ROWS) -> bool:
-    return rows_like_one(linear, in_features, device, dtype, rows) is not None
 
 
 def make_row_exact(model: nn.Module, device, dtype) -> list[str]:

@@ -66,10 +66,6 @@ class Piece:
     drafts: int = 0  # its last rows are guesses: each row runs as a decode step would
 
     @property
-    def rows_apart(self) -> bool:
-        return self.drafts > 0
-
-    @property
     def count(self) -> int:
         return len(self.tokens) if self.tokens is not None else self.hidden.shape[1]
 
@@ -125,7 +121,7 @@ class Shard:
         offsets, offset = [], 0
         for p in pieces:
             offsets.append(offset)
-            if p.rows_apart and self.exact:
+            if p.drafts and self.exact:
                 for j in range(p.count):
                     batch.add(p.state.cache, p.start + j, offset + j, 1)
             else:

@@ -405,8 +405,7 @@ class NodeWorker:
         produced, finish = end_of_turn(produced, set() if msg.ignore_eos else self.eos_ids, msg.remaining)
         header = Result(session=msg.session, seq=msg.seq, src=self.node_id, token=produced[-1], accepted=produced[:-1], finish=finish)
         if msg.want_logits:
-            header.dtype, shape, raw = to_bytes(logits)
-            header.shape = shape
+            header.dtype, header.shape, raw = to_bytes(logits)
             return encode(header, raw)
         return encode(header)
 

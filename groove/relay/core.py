@@ -42,7 +42,7 @@ from ..protocol.messages import (
     TurnEnd,
     Welcome,
 )
-from ..drafting.length import DraftLength
+from ..drafting.length import LIMIT, DraftLength
 from ..drafting.ngram import NgramDrafter
 from ..models.checkpoint import TOKENIZER_PATTERNS
 from .placement import PlacementError, Shape, place
@@ -55,7 +55,7 @@ from .sessions import Session, SessionTable, Turn
 log = logging.getLogger("groove.relay")
 
 MAX_NEW_TOKENS = 1 << 16
-MAX_DRAFT_TOKENS = 32
+MAX_DRAFT_TOKENS = LIMIT
 MAX_DRAFT_SUPPORT = 256  # tokens in a sampled guess's distribution
 
 
@@ -357,7 +357,7 @@ class Relay:
             if s.ngrams is None:
                 s.ngrams = NgramDrafter()
             if s.draft_length is None or s.draft_length.fixed != msg.draft_tokens:
-                s.draft_length = DraftLength(fixed=msg.draft_tokens, timed=not _seeded(s.sampling))
+                s.draft_length = DraftLength(fixed=msg.draft_tokens, timed=DraftLength.clocked(s.sampling))
         s.last_used = time.monotonic()
         return [self._feed(s)]
 
@@ -539,8 +539,3 @@ def _dist_problem(guess: int, d, vocab_size: int) -> str:
     if guess not in d.ids or d.probs[d.ids.index(guess)] <= 0:
         return "the guess must have a positive probability in it"
     return ""
-
-
-def _seeded(sampling) -> bool:
-    """A seeded sampling session, whose draft lengths must not follow the clock."""
-    return sampling.temperature > 0 and sampling.seed is not None
