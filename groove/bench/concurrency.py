@@ -14,8 +14,8 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
-from ..models import checkpoint, info
-from .harness import Workload, fetch_status, prompt_ids
+from ..models import checkpoint
+from .harness import Workload, fetch_status, node_ranges, prompt_ids
 
 
 @dataclass
@@ -114,8 +114,7 @@ def run(w: Workload, concurrency: int, interfere_prompt: int = 0) -> dict:
     ckpt = checkpoint.load(str(w.model))
     vocab = int(ckpt.config["vocab_size"])
     prompts = [prompt_ids(vocab, w.prompt_tokens, seed=i) for i in range(concurrency)]
-    embed, head = info.edge_bytes(ckpt)
-    ranges = [tuple(r) for r in info.balanced_split(info.layer_bytes(ckpt), embed, head, w.nodes)]
+    ranges = node_ranges(ckpt, w.nodes)
     name = ckpt.ref.name
     with LocalCluster(w.model, ranges, dtype=w.dtype, node_args=w.node_args, link_latency_ms=w.link_latency_ms) as cluster:
         address = cluster.client_address

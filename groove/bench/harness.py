@@ -46,6 +46,12 @@ def weight_bytes_per_token(ckpt: checkpoint.Checkpoint, dtype: str, quantize: st
     return sum(math.prod(shape) * (1 if quantize == "int8" and len(shape) == 2 else DTYPE_BYTES[dtype]) for shape in shapes)
 
 
+def node_ranges(ckpt: checkpoint.Checkpoint, nodes: int) -> list[tuple[int, int]]:
+    """The layer ranges of ``nodes`` nodes with the bytes balanced, as ``groove info`` splits."""
+    embed, head = info.edge_bytes(ckpt)
+    return [tuple(r) for r in info.balanced_split(info.layer_bytes(ckpt), embed, head, nodes)]
+
+
 def prompt_ids(vocab: int, n: int, seed: int = 0) -> list[int]:
     rng = random.Random(seed)
     return [rng.randrange(min(vocab, 30000)) for _ in range(n)]
@@ -122,8 +128,7 @@ def _node_counters(address: str) -> dict[str, tuple[int, float]]:
 def run_pipeline(w: Workload, ckpt: checkpoint.Checkpoint, prompt: list[int]) -> dict:
     from ..launch import LocalCluster
 
-    embed, head = info.edge_bytes(ckpt)
-    ranges = [tuple(r) for r in info.balanced_split(info.layer_bytes(ckpt), embed, head, w.nodes)]
+    ranges = node_ranges(ckpt, w.nodes)
     t_start = time.perf_counter()
     with LocalCluster(w.model, ranges, dtype=w.dtype, node_args=w.node_args, link_latency_ms=w.link_latency_ms) as cluster:
         ready_s = time.perf_counter() - t_start

@@ -16,8 +16,8 @@ import statistics
 import time
 from pathlib import Path
 
-from ..models import checkpoint, info
-from .harness import Workload, fetch_status, prompt_ids
+from ..models import checkpoint
+from .harness import Workload, fetch_status, node_ranges, prompt_ids
 
 # A doctest that counts, as Python's documentation has many: each line repeats the one
 # before with one thing changed, which is what code and lists look like to a model.
@@ -81,8 +81,7 @@ def run(w: Workload, speculative: str, draft_tokens: int = 0, prompt_style: str 
     vocab = int(ckpt.config["vocab_size"])
     prompt = (repetitive_prompt(w.model, vocab, w.prompt_tokens) if prompt_style == "repetitive"
               else prompt_ids(vocab, w.prompt_tokens))
-    embed, head = info.edge_bytes(ckpt)
-    ranges = [tuple(r) for r in info.balanced_split(info.layer_bytes(ckpt), embed, head, w.nodes)]
+    ranges = node_ranges(ckpt, w.nodes)
     name = ckpt.ref.name
     plain_rates, spec_rates, steps, accepted, drafted, same = [], [], [], 0, 0, []
     with LocalCluster(w.model, ranges, dtype=w.dtype, node_args=w.node_args, link_latency_ms=w.link_latency_ms) as cluster:
