@@ -3,11 +3,31 @@
 **Prepacked bfloat16** (default on CPU, ``--no-pack`` turns it off). An ``nn.Linear`` in
 bfloat16 on CPU reorders its weight into oneDNN's blocked layout on every call; at batch 1
 that reorder costs as much as the matmul. Packing each weight once at load time (what
-inductor's ``freezing`` does) streams the weights about 1.5x faster here, and the results
-are bit-for-bit those of ``nn.Linear``: it is the same oneDNN kernel without the repeated
-reorder. Layers with a bias (Qwen2's q/k/v projections, a few percent of the weights) are
-left alone: ``addmm`` adds the bias with other rounding than the fused kernel. So is
-float32, where ``nn.Linear`` uses MKL and oneDNN rounds differently.
+inductor's ``freezing`` does) streams the weights 1.3-1.6x faster. But the packed kernel
+is not always the one ``nn.Linear`` takes, and then it sums in another order: on a CPU
+with AMX, for calls of 33 rows and more, for a few sizes near 80 rows, and for one-row
+calls of the 4864 -> 896 down projection, where only about one input in ten shows it in
+its 896 outputs. Which blocked layout is fastest depends on the CPU too (with AMX, the one
+oneDNN picks for 16 rows; without, the one for a single row). So:
+
+- ``choose_hint`` times the candidate layouts on the first layer of each shape and keeps
+  the fastest whose one-row calls round like ``nn.Linear``'s.
+- Each call size up to ``CHECKED_ROWS`` takes the packed weight only once calls of that
+  size have matched ``nn.Linear`` on the unpacked weight over ``COMPARED_OUTPUTS``
+  outputs (at load for what fits ``settle``'s time, then on the first calls of each
+  size); a size that ever differs keeps ``nn.Linear``'s kernel.
+- Larger calls (prompts, where the matmul outweighs unpacking the weight) always take
+  ``nn.Linear``'s kernel.
+
+Results are then bit-for-bit those of ``nn.Linear`` at every size. Layers with a bias
+(Qwen2's q/k/v projections, a few percent of the weights) are left alone: ``addmm`` adds
+the bias with other rounding than the fused kernel. So is float32, where ``nn.Linear``
+uses MKL and oneDNN rounds differently.
+
+**Input strides.** ``nn.Linear`` in bfloat16 rounds a slice ``x[:, a:b]`` of a longer
+sequence unlike a tensor of its own with the same values (oneDNN sees the slice's batch
+stride): every call here goes through ``canonical`` first, so a piece of a batched pass is
+rounded as the same rows alone would be.
 
 **Weight-only int8** (``--quantize int8``). Each output channel keeps one scale
 (symmetric, absmax / 127) and activations stay in the compute dtype, so decoding reads half
@@ -18,10 +38,12 @@ the whole matrix.
 from __future__ import annotations
 
 import threading
+import time
 from contextlib import contextmanager
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -42,16 +64,121 @@ def packing_available(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
 
 
+def canonical(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with the strides a tensor of its own shape has (a slice of a longer sequence
+    keeps its parent's stride in the batch dimension of size 1, and oneDNN rounds by it)."""
+    return x.view(x.shape)
+
+
+# oneDNN's batch-size hint for the packed layout: the layout it picks for one row, and the
+# one it picks for a block of rows (AMX tiles are 16 rows).
+PACK_HINTS = (1, 16)
+# Call sizes up to this may take the packed weight: decode batches (RowExact sends at most
+# 32 rows per call where sizes round differently). Larger calls are prompts.
+CHECKED_ROWS = 32
+# Outputs compared equal before a call size takes the packed weight. The rarest difference
+# seen (the down projection's one-row calls) shows in about one output in 8,000, so a
+# size that differs is caught with odds of about 3,000 to 1.
+COMPARED_OUTPUTS = 1 << 16
+
+
 class PackedLinear(nn.Module):
-    def __init__(self, linear: nn.Linear):
+    """A bias-free linear layer with its weight packed once, in the layout oneDNN picks for
+    ``hint`` rows. See the module's docstring for when it takes the packed weight."""
+
+    # (in, out, hint) -> {call size: outputs compared equal so far, or -1 once one differed}.
+    # Kernels depend on shapes, not weights, so the count serves every layer of a shape.
+    sizes_checked: dict[tuple[int, int, int], dict[int, int]] = {}
+
+    def __init__(self, linear: nn.Linear, hint: int = 1):
         super().__init__()
         if linear.bias is not None:
             raise ValueError("PackedLinear is bit-exact only without a bias")
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1))
+        self.in_features, self.out_features, self.hint = linear.in_features, linear.out_features, hint
+        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), hint))
+        self.checked = self.sizes_checked.setdefault((self.in_features, self.out_features, hint), {})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = canonical(x)
+        rows = x.numel() // self.in_features
+        if rows > CHECKED_ROWS:
+            return self.unpacked(x)
+        compared = self.checked.get(rows, 0)
+        if compared >= COMPARED_OUTPUTS:
+            return self.fast(x)
+        want = self.unpacked(x)
+        if compared >= 0:
+            self.checked[rows] = compared + want.numel() if torch.equal(self.fast(x), want) else -1
+        return want
+
+    def settled(self, rows: int) -> bool:
+        compared = self.checked.get(rows, 0)
+        return compared < 0 or compared >= COMPARED_OUTPUTS
+
+    def fast(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+
+    def unpacked(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.packed.to_dense())
+
+
+def settle(linear: PackedLinear, sizes, seconds: float | None = None, seed: int = 0) -> None:
+    """Compare calls of each of ``sizes`` rows (random inputs) until they are settled, for
+    at most ``seconds``; what is left is settled by the first real calls."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    end = None if seconds is None else time.perf_counter() + seconds
+    with torch.inference_mode():
+        for rows in sizes:
+            while not linear.settled(rows):
+                if end is not None and time.perf_counter() > end:
+                    return
+                linear(torch.randn(1, rows, linear.in_features, generator=g).to(linear.packed.dtype))
+
+
+def choose_hint(linear: nn.Linear, hints: tuple[int, ...] = PACK_HINTS, calls: int = 5) -> int | None:
+    """The packed layout whose one-row call is fastest among those that round one-row
+    calls like ``nn.Linear``; None when none does."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(1, 1, linear.in_features, generator=g).to(dtype=linear.weight.dtype)
+    best: tuple[float, int] | None = None
+    with torch.inference_mode():
+        for hint in hints:
+            packed = PackedLinear(linear, hint)
+            settle(packed, [1])
+            if packed.checked.get(1, 0) < 0:
+                continue
+            seconds = float("inf")
+            for _ in range(calls):
+                t0 = time.perf_counter()
+                packed.fast(x)
+                seconds = min(seconds, time.perf_counter() - t0)
+            best = min(best or (seconds, hint), (seconds, hint))
+    return best[1] if best else None
+
+
+class Packer:
+    """The load-time converter for bfloat16 on CPU: packs each bias-free linear layer in
+    the layout ``choose_hint`` picked for the first layer of its shape, and settles that
+    shape's decode call sizes for up to ``settle_s`` seconds."""
+
+    def __init__(self, settle_s: float = 1.0):
+        self.settle_s = settle_s
+        self.hints: dict[tuple[int, int], int | None] = {}
+
+    def __call__(self, linear: nn.Module) -> nn.Module:
+        if linear.bias is not None:
+            return linear
+        shape = (linear.in_features, linear.out_features)
+        first = shape not in self.hints
+        if first:
+            self.hints[shape] = choose_hint(linear)
+        hint = self.hints[shape]
+        if hint is None:
+            return linear
+        packed = PackedLinear(linear, hint)
+        if first:
+            settle(packed, range(2, CHECKED_ROWS + 1), self.settle_s)
+        return packed
 
 
 def linear_converter(quantize: str, pack: bool, device: torch.device, dtype: torch.dtype):
@@ -60,7 +187,7 @@ def linear_converter(quantize: str, pack: bool, device: torch.device, dtype: tor
     if quantize == "int8":
         return (lambda linear: Int8Linear(linear, dtype)), "int8"
     if pack and packing_available(device, dtype):
-        return (lambda linear: PackedLinear(linear) if linear.bias is None else linear), "packed"
+        return Packer(), "packed"
     return None, ""
 
 
@@ -148,7 +275,7 @@ class RowExact(nn.Module):
 
         def flush() -> None:
             if run:
-                parts.append(self.inner(x[:, row - run : row]))
+                parts.append(self.inner(canonical(x[:, row - run : row])))
 
         for n in counts:
             if n == 1:
@@ -160,7 +287,7 @@ class RowExact(nn.Module):
             else:
                 flush()
                 run = 0
-                parts.append(self.inner(x[:, row : row + n]))
+                parts.append(self.inner(canonical(x[:, row : row + n])))
                 row += n
         flush()
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
@@ -173,21 +300,26 @@ PROBE_ROWS = (2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32, 33, 48, 64, 128, 256, 512)
 
 
 def rows_like_one(linear: nn.Module, in_features: int, device, dtype, rows: tuple[int, ...] = PROBE_ROWS,
-                  checked: int = 8) -> int | None:
+                  least: int = 8) -> int | None:
     """The largest call size (of ``rows``) up to which every call gives each row the
-    result of a one-row call: None if all sizes do, 1 if even two rows differ. Rounding
-    differences show in a few outputs only, so each row compared holds all the module's
-    outputs; the first ``checked`` rows and the last of each call are compared (one-row
-    calls of an LM head are too slow to take them all)."""
+    result of a one-row call: None if all sizes do, 1 if even two rows differ.
+
+    Some differences show in one output in thousands, so each size is compared over at
+    least ``COMPARED_OUTPUTS`` outputs: the first ``need`` rows of a pool (``least`` at
+    least; an LM head's rows hold enough outputs that a few do) go through one-row calls
+    once, then through calls of each size laid end to end over them."""
+    need = max(least, -(-COMPARED_OUTPUTS // getattr(linear, "out_features", 1)))
     g = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(1, max(rows), in_features, generator=g).to(device=device, dtype=dtype)
+    x = torch.randn(1, need + max(rows), in_features, generator=g).to(device=device, dtype=dtype)
     safe = 1
     with torch.inference_mode():
-        alone = {j: linear(x[:, j : j + 1]) for j in sorted(set(range(checked)) | {n - 1 for n in rows})}
+        alone = [linear(canonical(x[:, j : j + 1])) for j in range(need)]
         for n in sorted(rows):
-            together = linear(x[:, :n])
-            if any(not torch.equal(together[:, j : j + 1], alone[j]) for j in [*range(min(checked, n)), n - 1]):
-                return safe
+            for start in range(0, need, n):
+                together = linear(canonical(x[:, start : start + n]))
+                if any(not torch.equal(together[:, j - start : j - start + 1], alone[j])
+                       for j in range(start, min(start + n, need))):
+                    return safe
             safe = n
     return None
 
