@@ -20,9 +20,10 @@ oneDNN picks for 16 rows; without, the one for a single row). So:
   ``nn.Linear``'s kernel.
 
 Results are then bit-for-bit those of ``nn.Linear`` at every size. Layers with a bias
-(Qwen2's q/k/v projections, a few percent of the weights) are left alone: ``addmm`` adds
-the bias with other rounding than the fused kernel. So is float32, where ``nn.Linear``
-uses MKL and oneDNN rounds differently.
+(Qwen2's q/k/v projections) go through the same checks with the bias fused into the
+packed kernel: on some CPUs that rounds like ``addmm`` (all 300 inputs tried on one with
+AMX), on others it does not, and the checks then keep ``addmm``. float32 is left alone:
+``nn.Linear`` uses MKL there and oneDNN rounds differently.
 
 **Input strides.** ``nn.Linear`` in bfloat16 rounds a slice ``x[:, a:b]`` of a longer
 sequence unlike a tensor of its own with the same values (oneDNN sees the slice's batch
@@ -83,20 +84,20 @@ COMPARED_OUTPUTS = 1 << 16
 
 
 class PackedLinear(nn.Module):
-    """A bias-free linear layer with its weight packed once, in the layout oneDNN picks for
-    ``hint`` rows. See the module's docstring for when it takes the packed weight."""
+    """A linear layer with its weight packed once, in the layout oneDNN picks for ``hint``
+    rows. See the module's docstring for when it takes the packed weight."""
 
-    # (in, out, hint) -> {call size: outputs compared equal so far, or -1 once one differed}.
-    # Kernels depend on shapes, not weights, so the count serves every layer of a shape.
-    sizes_checked: dict[tuple[int, int, int], dict[int, int]] = {}
+    # (in, out, bias, hint) -> {call size: outputs compared equal so far, or -1 once one
+    # differed}. Kernels depend on shapes, not weights: the count serves every layer of a shape.
+    sizes_checked: dict[tuple[int, int, bool, int], dict[int, int]] = {}
 
     def __init__(self, linear: nn.Linear, hint: int = 1):
         super().__init__()
-        if linear.bias is not None:
-            raise ValueError("PackedLinear is bit-exact only without a bias")
         self.in_features, self.out_features, self.hint = linear.in_features, linear.out_features, hint
         self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), hint))
-        self.checked = self.sizes_checked.setdefault((self.in_features, self.out_features, hint), {})
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
+        key = (self.in_features, self.out_features, self.bias is not None, hint)
+        self.checked = self.sizes_checked.setdefault(key, {})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = canonical(x)
@@ -116,10 +117,10 @@ class PackedLinear(nn.Module):
         return compared < 0 or compared >= COMPARED_OUTPUTS
 
     def fast(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def unpacked(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.packed.to_dense())
+        return F.linear(x, self.packed.to_dense(), self.bias)
 
 
 def settle(linear: PackedLinear, sizes, seconds: float | None = None, seed: int = 0) -> None:
@@ -157,18 +158,16 @@ def choose_hint(linear: nn.Linear, hints: tuple[int, ...] = PACK_HINTS, calls: i
 
 
 class Packer:
-    """The load-time converter for bfloat16 on CPU: packs each bias-free linear layer in
-    the layout ``choose_hint`` picked for the first layer of its shape, and settles that
-    shape's decode call sizes for up to ``settle_s`` seconds."""
+    """The load-time converter for bfloat16 on CPU: packs each linear layer in the layout
+    ``choose_hint`` picked for the first layer of its shape (and bias or not), and settles
+    that shape's decode call sizes for up to ``settle_s`` seconds."""
 
     def __init__(self, settle_s: float = 1.0):
         self.settle_s = settle_s
-        self.hints: dict[tuple[int, int], int | None] = {}
+        self.hints: dict[tuple[int, int, bool], int | None] = {}
 
     def __call__(self, linear: nn.Module) -> nn.Module:
-        if linear.bias is not None:
-            return linear
-        shape = (linear.in_features, linear.out_features)
+        shape = (linear.in_features, linear.out_features, linear.bias is not None)
         first = shape not in self.hints
         if first:
             self.hints[shape] = choose_hint(linear)
@@ -183,7 +182,7 @@ class Packer:
 
 def linear_converter(quantize: str, pack: bool, device: torch.device, dtype: torch.dtype):
     """What a node does to each loaded nn.Linear, and the name it reports for it:
-    int8 quantization, packing (bias-free layers only), or nothing."""
+    int8 quantization, packing, or nothing."""
     if quantize == "int8":
         return (lambda linear: Int8Linear(linear, dtype)), "int8"
     if pack and packing_available(device, dtype):
