@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from groove.node.linears import (
@@ -168,3 +169,21 @@ def test_row_exact_batches_single_rows_up_to_the_size_the_probe_found_safe():
         alone = torch.cat([layer(_fresh(x[:, a : a + n])) for a, n in zip(starts, counts)], dim=1)
         with row_layout(counts):
             assert torch.equal(wrapped(x), alone)
+
+
+def test_a_layer_probed_only_up_to_a_size_has_its_calls_capped_there():
+    """An LM head is probed up to 64 rows only: even where every size it tried rounds like
+    one row, a batch never gives it a larger call than it tried."""
+    class RowByRow(nn.Linear):  # rounds each row alike whatever the call's size
+        def forward(self, x):
+            return torch.stack([F.linear(x[:, j : j + 1], self.weight)[:, 0] for j in range(x.shape[1])], dim=1)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96, bias=False), RowByRow(96, 64, bias=False))
+    wrapped = make_row_exact(model, torch.device("cpu"), torch.float32, largest={"1": 8})
+    assert "1" in wrapped and 1 <= model[1].safe <= 8
+    calls: list[int] = []
+    model[1].inner.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[1]))
+    with row_layout([1] * 20):
+        model[1](torch.randn(1, 20, 96))
+    assert sum(calls) == 20 and max(calls) <= 8

@@ -323,21 +323,28 @@ def rows_like_one(linear: nn.Module, in_features: int, device, dtype, rows: tupl
     return None
 
 
-def make_row_exact(model: nn.Module, device, dtype) -> list[str]:
+def make_row_exact(model: nn.Module, device, dtype, largest: dict[str, int] | None = None) -> list[str]:
     """Wrap every linear layer whose kind (class, shape, bias) rounds rows by call size in
     ``RowExact``, with the smallest safe size any instance showed. A kernel's summation
     order does not depend on the weights, but whether it shows in the probe's outputs
-    does, so every instance is probed. Returns the wrapped names."""
+    does, so every instance is probed. ``largest`` names layers probed only up to a size
+    (an LM head, whose 512-row probe would cost seconds and a copy of its weight): their
+    calls are capped at that size. Returns the wrapped names."""
     kinds = (nn.Linear, PackedLinear, Int8Linear)
+    largest = largest or {}
 
     def kind(mod: nn.Module) -> tuple:
         return (type(mod), mod.in_features, mod.out_features, getattr(mod, "bias", None) is not None)
 
     safe: dict[tuple, int] = {}
-    for mod in [m for m in model.modules() if isinstance(m, kinds)]:
+    for name, mod in [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]:
         if safe.get(kind(mod)) == 1:
             continue  # already as strict as it gets
-        found = rows_like_one(mod, mod.in_features, device, dtype)
+        cap = largest.get(name)
+        rows = PROBE_ROWS if cap is None else tuple(r for r in PROBE_ROWS if r <= cap)
+        found = rows_like_one(mod, mod.in_features, device, dtype, rows)
+        if found is None and cap is not None:
+            found = max(rows)
         if found is not None:
             safe[kind(mod)] = min(found, safe.get(kind(mod), found))
     replace_linears(model, lambda mod: RowExact(mod, safe[kind(mod)]) if kind(mod) in safe else mod, kinds=kinds)

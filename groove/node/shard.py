@@ -77,7 +77,10 @@ class Shard:
         self.layers = list(self.body.layers[: loaded.config.num_hidden_layers])
         self.inner_attention = attention.use_batched(loaded.model.config)
         self.exact = batch_exact
-        self.row_exact = linears.make_row_exact(loaded.model, loaded.device, loaded.dtype) if batch_exact else []
+        # The head sees a row per piece that wants logits (and its guesses): its calls are
+        # capped at 64 rows rather than probed up to a prompt's size.
+        self.row_exact = (linears.make_row_exact(loaded.model, loaded.device, loaded.dtype, largest={"lm_head": 64})
+                          if batch_exact else [])
         self.head = loaded.model.lm_head  # after make_row_exact, which may wrap it
 
     @property
