@@ -162,7 +162,7 @@ class Packer:
     ``choose_hint`` picked for the first layer of its shape (and bias or not), and settles
     that shape's decode call sizes for up to ``settle_s`` seconds."""
 
-    def __init__(self, settle_s: float = 1.0):
+    def __init__(self, settle_s: float = 0.5):
         self.settle_s = settle_s
         self.hints: dict[tuple[int, int, bool], int | None] = {}
 
@@ -325,9 +325,9 @@ def rows_like_one(linear: nn.Module, in_features: int, device, dtype, rows: tupl
 
 def make_row_exact(model: nn.Module, device, dtype, largest: dict[str, int] | None = None) -> list[str]:
     """Wrap every linear layer whose kind (class, shape, bias) rounds rows by call size in
-    ``RowExact``, with the smallest safe size any instance showed. A kernel's summation
-    order does not depend on the weights, but whether it shows in the probe's outputs
-    does, so every instance is probed. ``largest`` names layers probed only up to a size
+    ``RowExact``, with the safe size the probe found on the kind's first layer (a kernel's
+    summation order depends on shapes, not weights; the probe compares enough outputs per
+    size that the weights do not hide a difference). ``largest`` names layers probed only up to a size
     (an LM head, whose 512-row probe would cost seconds and a copy of its weight): their
     calls are capped at that size. Returns the wrapped names."""
     kinds = (nn.Linear, PackedLinear, Int8Linear)
@@ -337,15 +337,17 @@ def make_row_exact(model: nn.Module, device, dtype, largest: dict[str, int] | No
         return (type(mod), mod.in_features, mod.out_features, getattr(mod, "bias", None) is not None)
 
     safe: dict[tuple, int] = {}
+    probed: set[tuple] = set()
     for name, mod in [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]:
-        if safe.get(kind(mod)) == 1:
-            continue  # already as strict as it gets
+        if kind(mod) in probed:
+            continue
+        probed.add(kind(mod))
         cap = largest.get(name)
         rows = PROBE_ROWS if cap is None else tuple(r for r in PROBE_ROWS if r <= cap)
         found = rows_like_one(mod, mod.in_features, device, dtype, rows)
         if found is None and cap is not None:
             found = max(rows)
         if found is not None:
-            safe[kind(mod)] = min(found, safe.get(kind(mod), found))
+            safe[kind(mod)] = found
     replace_linears(model, lambda mod: RowExact(mod, safe[kind(mod)]) if kind(mod) in safe else mod, kinds=kinds)
     return [name for name, mod in model.named_modules() if isinstance(mod, RowExact)]
