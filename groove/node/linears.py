@@ -100,6 +100,8 @@ class PackedLinear(nn.Module):
         self.checked = self.sizes_checked.setdefault(key, {})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The checks below are shared by every layer of this shape: a slice would record
+        # nn.Linear's rounding of slices, not of the tensors the other calls pass.
         x = canonical(x)
         rows = x.numel() // self.in_features
         if rows > CHECKED_ROWS:
@@ -327,27 +329,22 @@ def make_row_exact(model: nn.Module, device, dtype, largest: dict[str, int] | No
     """Wrap every linear layer whose kind (class, shape, bias) rounds rows by call size in
     ``RowExact``, with the safe size the probe found on the kind's first layer (a kernel's
     summation order depends on shapes, not weights; the probe compares enough outputs per
-    size that the weights do not hide a difference). ``largest`` names layers probed only up to a size
-    (an LM head, whose 512-row probe would cost seconds and a copy of its weight): their
-    calls are capped at that size. Returns the wrapped names."""
+    size that the weights do not hide a difference). ``largest`` names layers probed only
+    up to a size (an LM head, whose 512-row probe would cost seconds and a copy of its
+    weight): their calls are capped at that size. Returns the wrapped names."""
     kinds = (nn.Linear, PackedLinear, Int8Linear)
     largest = largest or {}
 
     def kind(mod: nn.Module) -> tuple:
         return (type(mod), mod.in_features, mod.out_features, getattr(mod, "bias", None) is not None)
 
-    safe: dict[tuple, int] = {}
-    probed: set[tuple] = set()
+    safe: dict[tuple, int | None] = {}  # per kind probed: None where every size rounds alike
     for name, mod in [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]:
-        if kind(mod) in probed:
+        if kind(mod) in safe:
             continue
-        probed.add(kind(mod))
         cap = largest.get(name)
         rows = PROBE_ROWS if cap is None else tuple(r for r in PROBE_ROWS if r <= cap)
         found = rows_like_one(mod, mod.in_features, device, dtype, rows)
-        if found is None and cap is not None:
-            found = max(rows)
-        if found is not None:
-            safe[kind(mod)] = found
-    replace_linears(model, lambda mod: RowExact(mod, safe[kind(mod)]) if kind(mod) in safe else mod, kinds=kinds)
+        safe[kind(mod)] = max(rows) if found is None and cap is not None else found
+    replace_linears(model, lambda mod: mod if safe.get(kind(mod)) is None else RowExact(mod, safe[kind(mod)]), kinds=kinds)
     return [name for name, mod in model.named_modules() if isinstance(mod, RowExact)]
