@@ -187,3 +187,38 @@ def test_a_layer_probed_only_up_to_a_size_has_its_calls_capped_there():
     with row_layout([1] * 20):
         model[1](torch.randn(1, 20, 96))
     assert sum(calls) == 20 and max(calls) <= 8
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_transposed_calls_give_each_row_its_one_row_result_where_the_probe_found_a_pad(dtype):
+    """Where multi-row calls round unlike one row (the down projection on a CPU with AMX),
+    decode rows may go in one transposed call padded to the probe's size: each row must
+    still equal its one-row call, for runs of every length, on inputs the probe never saw."""
+    from groove.node.linears import transposed_pad, rows_like_one
+
+    torch.manual_seed(0)
+    layer = nn.Linear(4864, 896, bias=False).to(dtype)
+    safe = rows_like_one(layer, 4864, "cpu", dtype) or 512
+    pad = transposed_pad(layer, "cpu", dtype)
+    wrapped = RowExact(layer, safe, pad)
+    counts = [1] * 70 + [5, 1, 1, 1] + [1] * 3
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    calls: list[int] = []
+    layer.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[1]))
+    for _ in range(4):  # some differences show in one output in thousands
+        x = torch.randn(1, sum(counts), 4864).to(dtype)
+        alone = torch.cat([layer(_fresh(x[:, a : a + n])) for a, n in zip(starts, counts)], dim=1)
+        calls.clear()
+        with row_layout(counts):
+            assert torch.equal(wrapped(x), alone)
+        assert max(calls) <= max(safe, 5)  # longer runs went through the transposed call
+        if pad is not None and safe < 3:
+            assert len(calls) < sum(counts) // 2  # not a call per row
+
+
+def test_only_plain_bias_free_linears_are_offered_a_transposed_call():
+    from groove.node.linears import transposed_pad
+
+    assert transposed_pad(nn.Linear(64, 32, bias=True), "cpu", torch.float32) is None
+    packed = PackedLinear(nn.Linear(4864, 896, bias=False).to(torch.bfloat16))  # its weight is not a plain matrix
+    assert transposed_pad(packed, "cpu", torch.bfloat16) is None

@@ -260,12 +260,20 @@ class RowExact(nn.Module):
     several rows (a prompt chunk, or a speculative step's rows, which the shard lays out
     as single rows) gets a call of its own size, and decode steps (single rows) go together
     in calls of at most ``safe`` rows, the largest size whose rows the probe found equal
-    to one-row calls (1 where even two rows differ)."""
+    to one-row calls (1 where even two rows differ).
 
-    def __init__(self, inner: nn.Module, safe: int = 1):
+    Where even that is small, ``pad`` (from ``transposed_pad``) may offer a way round: runs
+    of more than ``safe`` and at most ``pad`` single rows go in one transposed call,
+    weight times rows, padded to ``pad`` rows, whose kernel the probe found to sum each
+    row like the one-row call. (On a CPU with AMX, oneDNN's one-row kernel for the
+    4864 -> 896 down projection rounds unlike every multi-row call, but like the
+    transposed product of 33-128 rows: one call instead of a call per row.)"""
+
+    def __init__(self, inner: nn.Module, safe: int = 1, pad: int | None = None):
         super().__init__()
         self.inner = inner
         self.safe = max(1, safe)
+        self.pad = pad if pad is not None and pad > self.safe else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         counts = LAYOUT.counts
@@ -274,15 +282,20 @@ class RowExact(nn.Module):
         parts: list[torch.Tensor] = []
         row = run = 0  # run: single rows waiting to go out together, just before ``row``
 
+        pad = self.pad if x.shape[0] == 1 else None
+
         def flush() -> None:
-            if run:
+            if run > self.safe:
+                parts.append(transposed(self.inner.weight, x[:, row - run : row], pad))
+            elif run:
                 parts.append(self.inner(canonical(x[:, row - run : row])))
 
+        most = pad or self.safe
         for n in counts:
             if n == 1:
                 run += 1
                 row += 1
-                if run == self.safe:
+                if run == most:
                     flush()
                     run = 0
             else:
@@ -325,6 +338,47 @@ def rows_like_one(linear: nn.Module, in_features: int, device, dtype, rows: tupl
     return None
 
 
+def transposed(weight: torch.Tensor, x: torch.Tensor, pad: int) -> torch.Tensor:
+    """``F.linear(x, weight)`` for ``x`` of shape [1, n, in], computed as weight times the
+    rows, padded with zeros to ``pad`` rows (the size the probe checked: a kernel's
+    summation order depends on the call's sizes, and each output column only on its own row)."""
+    n = x.shape[1]
+    rows = x.new_zeros(pad, x.shape[2])
+    rows[:n] = x[0]
+    return torch.mm(weight, rows.t()).t()[:n].unsqueeze(0)
+
+
+# Padded sizes ``transposed_pad`` tries, largest first (one call then serves the most rows).
+TRANSPOSED_PADS = (64, 48, 33, 32, 16, 8)
+
+
+def transposed_pad(linear: nn.Module, device, dtype, pads: tuple[int, ...] = TRANSPOSED_PADS,
+                   least: int = 8) -> int | None:
+    """The largest of ``pads`` whose transposed calls (``transposed``) give every row the
+    result of the layer's one-row call, over at least ``COMPARED_OUTPUTS`` outputs and
+    with runs of several lengths; None if none does, or the layer is not a plain
+    bias-free matmul on a weight it holds."""
+    weight = getattr(linear, "weight", None)
+    if type(linear) is not nn.Linear or linear.bias is not None or weight is None or weight.dim() != 2:
+        return None
+    need = max(least, -(-COMPARED_OUTPUTS // linear.out_features))
+    g = torch.Generator(device="cpu").manual_seed(1)
+    x = torch.randn(1, need, linear.in_features, generator=g).to(device=device, dtype=dtype)
+    with torch.inference_mode():
+        alone = torch.cat([linear(canonical(x[:, j : j + 1])) for j in range(need)], dim=1)
+        for pad in pads:
+            lengths = (pad, 2, pad // 2 + 1)  # runs come in every length up to the pad
+            start = i = 0
+            while start < need:
+                n = min(lengths[i % len(lengths)], need - start)
+                if not torch.equal(transposed(weight, x[:, start : start + n], pad), alone[:, start : start + n]):
+                    break
+                start, i = start + n, i + 1
+            else:
+                return pad
+    return None
+
+
 def make_row_exact(model: nn.Module, device, dtype, largest: dict[str, int] | None = None) -> list[str]:
     """Wrap every linear layer whose kind (class, shape, bias) rounds rows by call size in
     ``RowExact``, with the safe size the probe found on the kind's first layer (a kernel's
@@ -339,6 +393,7 @@ def make_row_exact(model: nn.Module, device, dtype, largest: dict[str, int] | No
         return (type(mod), mod.in_features, mod.out_features, getattr(mod, "bias", None) is not None)
 
     safe: dict[tuple, int | None] = {}  # per kind probed: None where every size rounds alike
+    pads: dict[tuple, int | None] = {}
     for name, mod in [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]:
         if kind(mod) in safe:
             continue
@@ -346,5 +401,12 @@ def make_row_exact(model: nn.Module, device, dtype, largest: dict[str, int] | No
         rows = PROBE_ROWS if cap is None else tuple(r for r in PROBE_ROWS if r <= cap)
         found = rows_like_one(mod, mod.in_features, device, dtype, rows)
         safe[kind(mod)] = max(rows) if found is None and cap is not None else found
-    replace_linears(model, lambda mod: mod if safe.get(kind(mod)) is None else RowExact(mod, safe[kind(mod)]), kinds=kinds)
+        if found is not None and cap is None:
+            pads[kind(mod)] = transposed_pad(mod, device, dtype, tuple(p for p in TRANSPOSED_PADS if p > found))
+
+    def wrap(mod: nn.Module) -> nn.Module:
+        k = kind(mod)
+        return mod if safe.get(k) is None else RowExact(mod, safe[k], pads.get(k))
+
+    replace_linears(model, wrap, kinds=kinds)
     return [name for name, mod in model.named_modules() if isinstance(mod, RowExact)]
