@@ -71,8 +71,9 @@ def test_packed_layers_round_like_nn_linear_at_every_call_size(shape):
         for j in range(64):  # one-row calls, as decoding makes them
             assert torch.equal(packed(_fresh(x[:, j : j + 1])), linear(_fresh(x[:, j : j + 1]))), j
         for n in [*range(2, 41), 64, 65, 80, 300]:
-            x = torch.randn(1, n, shape[1], generator=g).to(torch.bfloat16)
-            assert torch.equal(packed(x), linear(_fresh(x))), n
+            for _ in range(3):  # sizes past the load-time checks settle on their first calls, then go packed
+                x = torch.randn(1, n, shape[1], generator=g).to(torch.bfloat16)
+                assert torch.equal(packed(x), linear(_fresh(x))), n
 
 
 def test_canonical_gives_a_slice_the_strides_of_a_tensor_of_its_own():

@@ -12,12 +12,11 @@ oneDNN picks for 16 rows; without, the one for a single row). So:
 
 - ``choose_hint`` times the candidate layouts on the first layer of each shape and keeps
   the fastest whose one-row calls round like ``nn.Linear``'s.
-- Each call size up to ``CHECKED_ROWS`` takes the packed weight only once calls of that
-  size have matched ``nn.Linear`` on the unpacked weight over ``COMPARED_OUTPUTS``
-  outputs (at load for what fits ``settle``'s time, then on the first calls of each
-  size); a size that ever differs keeps ``nn.Linear``'s kernel.
-- Larger calls (prompts, where the matmul outweighs unpacking the weight) always take
-  ``nn.Linear``'s kernel.
+- Each call size takes the packed weight only once calls of that size have matched
+  ``nn.Linear`` on the unpacked weight over ``COMPARED_OUTPUTS`` outputs (decode sizes
+  up to ``CHECKED_ROWS`` at load, for what fits ``settle``'s time; any size on its first
+  calls, prompts and their chunks included); a size that ever differs keeps
+  ``nn.Linear``'s kernel, which unpacks the weight for each call.
 
 Results are then bit-for-bit those of ``nn.Linear`` at every size. Layers with a bias
 (Qwen2's q/k/v projections) go through the same checks with the bias fused into the
@@ -74,8 +73,8 @@ def canonical(x: torch.Tensor) -> torch.Tensor:
 # oneDNN's batch-size hint for the packed layout: the layout it picks for one row, and the
 # one it picks for a block of rows (AMX tiles are 16 rows).
 PACK_HINTS = (1, 16)
-# Call sizes up to this may take the packed weight: decode batches (RowExact sends at most
-# 32 rows per call where sizes round differently). Larger calls are prompts.
+# Call sizes settled at load: decode batches (RowExact sends at most 32 rows per call where
+# sizes round differently). Prompt sizes are settled on first use.
 CHECKED_ROWS = 32
 # Outputs compared equal before a call size takes the packed weight. The rarest difference
 # seen (the down projection's one-row calls) shows in about one output in 8,000, so a
@@ -104,8 +103,6 @@ class PackedLinear(nn.Module):
         # nn.Linear's rounding of slices, not of the tensors the other calls pass.
         x = canonical(x)
         rows = x.numel() // self.in_features
-        if rows > CHECKED_ROWS:
-            return self.unpacked(x)
         compared = self.checked.get(rows, 0)
         if compared >= COMPARED_OUTPUTS:
             return self.fast(x)
