@@ -97,6 +97,9 @@ class PackedLinear(nn.Module):
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
         key = (self.in_features, self.out_features, self.bias is not None, hint)
         self.checked = self.sizes_checked.setdefault(key, {})
+        # The unpacked weight the checks compare against while loading: the original, so
+        # they need no unpacked copy (272 MB for Qwen2.5-0.5B's LM head). None afterwards.
+        self.reference: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The checks below are shared by every layer of this shape: a slice would record
@@ -119,7 +122,8 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def unpacked(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.packed.to_dense(), self.bias)
+        weight = self.reference if self.reference is not None else self.packed.to_dense()
+        return F.linear(x, weight, self.bias)
 
 
 def settle(linear: PackedLinear, sizes, seconds: float | None = None, seed: int = 0) -> None:
@@ -144,16 +148,22 @@ def choose_hint(linear: nn.Linear, hints: tuple[int, ...] = PACK_HINTS, calls: i
     with torch.inference_mode():
         for hint in hints:
             packed = PackedLinear(linear, hint)
+            packed.reference = linear.weight
             settle(packed, [1])
-            if packed.checked.get(1, 0) < 0:
-                continue
-            seconds = float("inf")
-            for _ in range(calls):
-                t0 = time.perf_counter()
-                packed.fast(x)
-                seconds = min(seconds, time.perf_counter() - t0)
-            best = min(best or (seconds, hint), (seconds, hint))
+            if packed.checked.get(1, 0) >= 0:
+                seconds = float("inf")
+                for _ in range(calls):
+                    t0 = time.perf_counter()
+                    packed.fast(x)
+                    seconds = min(seconds, time.perf_counter() - t0)
+                best = min(best or (seconds, hint), (seconds, hint))
+            del packed  # before the next layout is packed: one packed copy at a time
     return best[1] if best else None
+
+
+# The row probe's sizes settled at load: up to the LM head's probe cap (make_row_exact's
+# ``largest``); the larger sizes other layers are probed at unpack small weights.
+SETTLED_FOR_PROBE = 64
 
 
 class Packer:
@@ -175,7 +185,12 @@ class Packer:
             return linear
         packed = PackedLinear(linear, hint)
         if first:
+            packed.reference = linear.weight
+            # The sizes the row probe will call (make_row_exact) first, whatever they cost:
+            # settled now, they need no unpacked copy of the weight later.
+            settle(packed, [n for n in PROBE_ROWS if n <= SETTLED_FOR_PROBE])
             settle(packed, range(2, CHECKED_ROWS + 1), self.settle_s)
+            packed.reference = None
         return packed
 
 
