@@ -161,8 +161,9 @@ def choose_hint(linear: nn.Linear, hints: tuple[int, ...] = PACK_HINTS, calls: i
     return best[1] if best else None
 
 
-# The row probe's sizes settled at load: up to the LM head's probe cap (make_row_exact's
-# ``largest``); the larger sizes other layers are probed at unpack small weights.
+# The row probe's sizes settled at load, while the original weight is there: up to the LM
+# head's probe cap (Shard's ``largest``). Only smaller layers are probed at larger sizes,
+# and an unpacked copy of one of those is small.
 SETTLED_FOR_PROBE = 64
 
 
