@@ -223,3 +223,22 @@ def test_only_plain_bias_free_linears_are_offered_a_transposed_call():
     assert transposed_pad(nn.Linear(64, 32, bias=True), "cpu", torch.float32) is None
     packed = PackedLinear(nn.Linear(4864, 896, bias=False).to(torch.bfloat16))  # its weight is not a plain matrix
     assert transposed_pad(packed, "cpu", torch.bfloat16) is None
+
+
+def test_the_lm_head_is_probed_up_to_the_nodes_batch_size(model_paths):
+    """``--max-batch`` above 64: the head is probed that far, so a full batch's rows need
+    not be split into capped calls; it is never probed, nor called, past the batch size's
+    probe rows."""
+    from groove.models import checkpoint
+    from groove.node.loader import load_slice
+    from groove.node.shard import Shard
+
+    from groove.node.linears import PROBE_ROWS, rows_like_one
+
+    ckpt = checkpoint.load(str(model_paths["qwen2"]))
+    for max_batch, probed in ((8, 64), (200, 128)):  # below 64 the head is probed to 64 all the same
+        shard = Shard(load_slice(ckpt, 0, ckpt.num_layers - 1, torch.device("cpu"), torch.bfloat16), max_batch=max_batch)
+        assert isinstance(shard.head, RowExact)
+        head = shard.head.inner
+        found = rows_like_one(head, head.in_features, "cpu", torch.bfloat16, tuple(r for r in PROBE_ROWS if r <= probed))
+        assert shard.head.safe == (probed if found is None else found)

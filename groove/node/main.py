@@ -99,7 +99,7 @@ def run(args) -> int:
 
     # Built on the compute thread: its kernel probes run torch, and torch work on a second
     # thread would leave a second OpenMP thread team in the process (see compute_thread).
-    shard = pool.submit(Shard, loaded, batch_exact=not args.no_batch_exact).result()
+    shard = pool.submit(Shard, loaded, batch_exact=not args.no_batch_exact, max_batch=args.max_batch).result()
     worker = NodeWorker(
         shard,
         model=ckpt.ref.name,

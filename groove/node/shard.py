@@ -71,15 +71,17 @@ class Piece:
 
 
 class Shard:
-    def __init__(self, loaded: LoadedSlice, batch_exact: bool = True):
+    def __init__(self, loaded: LoadedSlice, batch_exact: bool = True, max_batch: int = 64):
         self.s = loaded
         self.body = loaded.model.model
         self.layers = list(self.body.layers[: loaded.config.num_hidden_layers])
         self.inner_attention = attention.use_batched(loaded.model.config)
         self.exact = batch_exact
-        # The head sees a row per piece that wants logits (and its guesses): its calls are
-        # capped at 64 rows rather than probed up to a prompt's size.
-        self.row_exact = (linears.make_row_exact(loaded.model, loaded.device, loaded.dtype, largest={"lm_head": 64})
+        # The head sees a row per piece that wants logits (and its guesses): it is probed up
+        # to the node's batch size (``--max-batch``), not a prompt's, and its calls are
+        # capped at the largest size probed.
+        head_rows = max(max_batch, linears.SETTLED_FOR_PROBE)
+        self.row_exact = (linears.make_row_exact(loaded.model, loaded.device, loaded.dtype, largest={"lm_head": head_rows})
                           if batch_exact else [])
         self.head = loaded.model.lm_head  # after make_row_exact, which may wrap it
 
