@@ -230,10 +230,9 @@ def test_the_lm_head_is_probed_up_to_the_nodes_batch_size(model_paths):
     not be split into capped calls; it is never probed, nor called, past the batch size's
     probe rows."""
     from groove.models import checkpoint
+    from groove.node.linears import PROBE_ROWS, rows_like_one
     from groove.node.loader import load_slice
     from groove.node.shard import Shard
-
-    from groove.node.linears import PROBE_ROWS, rows_like_one
 
     ckpt = checkpoint.load(str(model_paths["qwen2"]))
     for max_batch, probed in ((8, 64), (200, 128)):  # below 64 the head is probed to 64 all the same

@@ -326,26 +326,34 @@ class RowExact(nn.Module):
 PROBE_ROWS = (2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32, 33, 48, 64, 128, 256, 512)
 
 
+def one_row_results(linear: nn.Module, in_features: int, device, dtype, extra: int = 0, least: int = 8,
+                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The probes' sample: random rows ``x`` [1, need + extra, in], and the one-row results
+    of the first ``need`` of them [1, need, out]. Some differences show in one output in
+    thousands, so ``need`` rows hold at least ``COMPARED_OUTPUTS`` outputs (``least`` rows at
+    least; an LM head's rows hold enough outputs that a few do)."""
+    need = max(least, -(-COMPARED_OUTPUTS // getattr(linear, "out_features", 1)))
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(1, need + extra, in_features, generator=g).to(device=device, dtype=dtype)
+    with torch.inference_mode():
+        alone = torch.cat([linear(canonical(x[:, j : j + 1])) for j in range(need)], dim=1)
+    return x, alone
+
+
 def rows_like_one(linear: nn.Module, in_features: int, device, dtype, rows: tuple[int, ...] = PROBE_ROWS,
                   least: int = 8) -> int | None:
     """The largest call size (of ``rows``) up to which every call gives each row the
-    result of a one-row call: None if all sizes do, 1 if even two rows differ.
-
-    Some differences show in one output in thousands, so each size is compared over at
-    least ``COMPARED_OUTPUTS`` outputs: the first ``need`` rows of a pool (``least`` at
-    least; an LM head's rows hold enough outputs that a few do) go through one-row calls
-    once, then through calls of each size laid end to end over them."""
-    need = max(least, -(-COMPARED_OUTPUTS // getattr(linear, "out_features", 1)))
-    g = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(1, need + max(rows), in_features, generator=g).to(device=device, dtype=dtype)
+    result of a one-row call: None if all sizes do, 1 if even two rows differ. Calls of
+    each size are laid end to end over ``one_row_results``'s sample."""
+    x, alone = one_row_results(linear, in_features, device, dtype, extra=max(rows), least=least)
+    need = alone.shape[1]
     safe = 1
     with torch.inference_mode():
-        alone = [linear(canonical(x[:, j : j + 1])) for j in range(need)]
         for n in sorted(rows):
             for start in range(0, need, n):
                 together = linear(canonical(x[:, start : start + n]))
-                if any(not torch.equal(together[:, j - start : j - start + 1], alone[j])
-                       for j in range(start, min(start + n, need))):
+                m = min(n, need - start)
+                if not torch.equal(together[:, :m], alone[:, start : start + m]):
                     return safe
             safe = n
     return None
@@ -374,11 +382,9 @@ def transposed_pad(linear: nn.Module, device, dtype, pads: tuple[int, ...] = TRA
     weight = getattr(linear, "weight", None)
     if type(linear) is not nn.Linear or linear.bias is not None or weight is None or weight.dim() != 2:
         return None
-    need = max(least, -(-COMPARED_OUTPUTS // linear.out_features))
-    g = torch.Generator(device="cpu").manual_seed(1)
-    x = torch.randn(1, need, linear.in_features, generator=g).to(device=device, dtype=dtype)
+    x, alone = one_row_results(linear, linear.in_features, device, dtype, least=least, seed=1)
+    need = alone.shape[1]
     with torch.inference_mode():
-        alone = torch.cat([linear(canonical(x[:, j : j + 1])) for j in range(need)], dim=1)
         for pad in pads:
             lengths = (pad, 2, pad // 2 + 1)  # runs come in every length up to the pad
             start = i = 0
