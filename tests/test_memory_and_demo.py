@@ -146,3 +146,22 @@ def test_node_memory_does_not_grow_with_each_new_prompt_length(model_paths, clus
     run_async(prompts(range(57, 177)))
     grown = (node.memory_info().rss - before) / 2**20
     assert grown < 40, f"the node grew by {grown:.0f} MiB over 120 new prompt lengths"
+
+
+def test_first_node_keeps_only_the_embedding_rows_it_reads(tmp_path, cluster_factory):
+    """The first node maps its token embedding instead of reading it: a 128 MiB table
+    costs it only the rows of the tokens it has seen. Nodes 0 and 1 hold equal layers, and
+    node 0 the embedding besides."""
+    from groove.models.synthetic import build_checkpoint
+
+    from .conftest import reference_generate
+
+    path = build_checkpoint(tmp_path / "wide", "qwen2", vocab_size=32768, hidden_size=2048, intermediate_size=2048,
+                            num_layers=3, num_heads=16, num_kv_heads=4, dtype="bfloat16", tokenizer=False, seed=7)
+    cluster = cluster_factory(path, [(0, 0), (1, 1), (2, 2)], dtype="bfloat16")
+    prompt = [3 + 97 * i % 32000 for i in range(40)]
+    steps = run_async(generate(cluster.address, "wide", prompt, 4))
+    assert [s.token for s in steps] == reference_generate(path, prompt, 4, dtype="bfloat16")
+    time.sleep(1.5)  # a heartbeat carries the peaks
+    peaks = {tuple(n["layers"]): n["peak_rss_bytes"] / 2**20 for n in status(cluster.address)["nodes"]}
+    assert peaks[(0, 0)] < peaks[(1, 1)] + 32, f"peak resident MiB per node: {peaks}"
