@@ -116,6 +116,73 @@ def test_int8_quantizes_in_row_blocks_exactly_like_all_at_once():
     assert torch.equal(q.weight, torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8))
 
 
+def _kernel_expected_here() -> bool:
+    """A C compiler and an x86 CPU with AVX2 or AVX-512: the int8 kernel must build."""
+    import platform
+    import shutil
+    from pathlib import Path
+
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = cpuinfo.read_text() if cpuinfo.is_file() else ""
+    return (shutil.which("cc") is not None and platform.machine() == "x86_64"
+            and (" avx512f" in flags or (" avx2" in flags and " fma" in flags)))
+
+
+@pytest.mark.skipif(not _kernel_expected_here(), reason="no C compiler or no AVX2/AVX-512 here")
+@pytest.mark.parametrize("k,n", [(896, 300), (100, 33), (70, 5)])
+def test_int8_kernel_builds_and_gives_each_row_the_same_result_in_any_batch(k, n):
+    from groove.node import int8_kernel
+
+    fn = int8_kernel.load()
+    assert fn is not None, "the int8 kernel did not build"
+    torch.manual_seed(k)
+    lin = nn.Linear(k, n, bias=True)
+    bf16 = Int8Linear(lin.to(torch.bfloat16), torch.bfloat16)
+    assert bf16.kernel is fn
+    x = torch.randn(1, 32, k, dtype=torch.bfloat16)
+    exact = x[0].double() @ (bf16.weight.double() * bf16.scales32.double()[:, None]).T + lin.bias.double()
+    # Float32 sums of exact products, rounded once to bfloat16 (and the bias added there).
+    assert torch.allclose(bf16(x)[0].double(), exact, rtol=2e-2, atol=2e-2)
+    # In float32 every bit of the sums shows: a row's result must not depend on its call.
+    q = Int8Linear(lin.float(), torch.float32)
+    x = x.float()
+    out = q(x)[0]
+    assert torch.allclose(out.double(), x[0].double() @ (q.weight.double() * q.scales32.double()[:, None]).T
+                          + lin.bias.double(), rtol=1e-4, atol=1e-4)
+    for rows in (1, 2, 3, 4, 5, 9, 31):
+        for start in range(0, 32 - rows + 1, rows):
+            assert torch.equal(q(x[:, start : start + rows]), out[start : start + rows].unsqueeze(0)), (rows, start)
+
+
+def test_int8_without_the_kernel_still_runs_any_width(monkeypatch):
+    """GROOVE_INT8_KERNEL=0 keeps torch's kernel, whose crash on inputs not a multiple of 16
+    wide is avoided by dequantizing instead."""
+    from groove.node import int8_kernel
+
+    monkeypatch.setenv("GROOVE_INT8_KERNEL", "0")
+    monkeypatch.setattr(int8_kernel, "_loaded", {})
+    torch.manual_seed(3)
+    for k in (100, 128):
+        lin = nn.Linear(k, 40, bias=False).to(torch.bfloat16)
+        q = Int8Linear(lin, torch.bfloat16)
+        assert q.kernel is None and q._packed_op == (k % 16 == 0)
+        x = torch.randn(1, 3, k, dtype=torch.bfloat16)
+        expected = x.float() @ (q.weight.float() * q.scales.float()[:, None]).T
+        assert torch.allclose(q(x).float(), expected, atol=5e-2, rtol=5e-2)
+
+
+def test_int8_prefill_dequantizes_in_blocks_like_all_at_once(monkeypatch):
+    import groove.node.linears as linears
+
+    torch.manual_seed(4)
+    lin = nn.Linear(64, 1000, bias=False)
+    q = Int8Linear(lin, torch.float32)
+    x = torch.randn(1, 40, 64)
+    whole = q(x)
+    monkeypatch.setattr(linears, "DEQUANTIZED_BLOCK_BYTES", 64 * 4 * 300)  # 300 rows a block: 4 blocks
+    assert torch.allclose(q(x), whole, atol=1e-5, rtol=1e-5)
+
+
 def test_replace_linears_swaps_every_linear_and_frees_the_originals():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Sequential(nn.Linear(4, 2)))
     assert replace_linears(model, lambda lin: Int8Linear(lin, torch.float32)) == 2
