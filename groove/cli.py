@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", default="none", choices=["none", "int8"], help="int8: weight-only, per-channel scales")
     p.add_argument("--no-pack", action="store_true", help="keep plain nn.Linear (no prepacked bfloat16 weights on CPU)")
     p.add_argument("--fast-attention", action="store_true",
-                   help="faster single-token attention for grouped-query models; rounds differently from transformers")
+                   help="faster single-token attention for grouped-query models; rounds differently from transformers "
+                        "(always on with --quantize int8)")
     p.add_argument("--prefill-chunk", type=_chunk, default=0, metavar="auto|N",
                    help="prompt tokens per forward pass while other sessions are streaming (default auto: a pass with a "
                         "chunk costs about half a decode pass more, measured on this node)")

@@ -224,6 +224,17 @@ def test_int8_nodes_stay_close_to_full_precision(cluster_factory, model_paths):
     assert rel < 0.05, rel
 
 
+@pytest.mark.parametrize("quantize,attention", [("none", "sdpa"), ("int8", "groove_packed_gqa")])
+def test_int8_slices_take_the_packed_gqa_attention(model_paths, quantize, attention):
+    """int8 rounds far more than the packed-GQA attention: it takes it without --fast-attention."""
+    from groove.models import checkpoint
+    from groove.node.loader import load_slice
+
+    ckpt = checkpoint.load(str(model_paths["llama"]))
+    loaded = load_slice(ckpt, 0, 2, torch.device("cpu"), torch.float32, quantize=quantize)
+    assert loaded.config._attn_implementation == attention
+
+
 def test_fast_attention_stays_close_to_transformers(cluster_factory, model_paths):
     """--fast-attention rounds differently, so it is checked to float32 tolerance, not bit for bit."""
     path = model_paths["llama"]  # grouped-query: 4 heads share 2 key/value heads
