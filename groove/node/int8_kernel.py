@@ -84,7 +84,7 @@ def load():
             if path is not None:
                 try:
                     fn = ctypes.CDLL(str(path)).q8_linear
-                    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3
+                    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 3 + [ctypes.c_int, ctypes.c_void_p]
                     fn.restype = None
                 except (OSError, AttributeError) as exc:
                     log.info("int8 kernel not loaded (%s): using torch's", exc)
@@ -93,12 +93,26 @@ def load():
         return _loaded["fn"]
 
 
-def linear(fn, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """``x`` [M, K] (any float dtype) times the int8 ``weight`` [N, K] with float32 per-row
-    ``scales`` [N]: float32 [M, N]."""
-    xf = x.to(torch.float32).contiguous()
-    m, k = xf.shape
+_scratch = threading.local()  # the kernel's work buffer, per calling thread
+
+
+def linear(fn, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x`` [M, K] times the int8 ``weight`` [N, K] with float32 per-row ``scales`` [N],
+    plus ``bias``: [M, N] in ``x``'s dtype. bfloat16 and float32 go to the kernel as they
+    are (it converts, and rounds the sum once); other dtypes through float32."""
+    code = _DTYPE_CODES.get(x.dtype)
+    if code is None:
+        return linear(fn, x.float(), weight, scales, None if bias is None else bias.float()).to(x.dtype)
+    x = x.contiguous()
+    m, k = x.shape
     n = weight.shape[0]
-    y = torch.empty(m, n, dtype=torch.float32)
-    fn(xf.data_ptr(), weight.data_ptr(), scales.data_ptr(), y.data_ptr(), m, n, k)
+    y = torch.empty(m, n, dtype=x.dtype)
+    work = getattr(_scratch, "buf", None)
+    if work is None or work.numel() < m * (k + n):
+        work = _scratch.buf = torch.empty(max(m * (k + n), 1 << 16), dtype=torch.float32)
+    fn(x.data_ptr(), weight.data_ptr(), scales.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
+       m, n, k, code, work.data_ptr())
     return y
+
+
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}

@@ -47,6 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import int8_kernel
+
 
 def replace_linears(model: nn.Module, make: Callable[[nn.Module], nn.Module], kinds: tuple = (nn.Linear,)) -> int:
     """Swap every module of ``kinds`` (nn.Linear) under ``model`` for ``make(module)``;
@@ -242,8 +244,6 @@ class Int8Linear(nn.Module):
         self._packed_op = self.in_features % 16 == 0
         self.kernel = None
         if q.device.type == "cpu":
-            from . import int8_kernel
-
             self.kernel = int8_kernel.load()
             if self.kernel is not None:
                 self.register_buffer("scales32", scales)  # the kernel scales in float32
@@ -254,10 +254,9 @@ class Int8Linear(nn.Module):
         # The int8 kernels win at decode sizes; for prefill a dequantized matmul is about
         # 3x faster (measured at 512 rows).
         if self.kernel is not None and flat.shape[0] <= DEQUANTIZE_ABOVE_ROWS:
-            from . import int8_kernel
-
-            y = int8_kernel.linear(self.kernel, flat, self.weight, self.scales32).to(flat.dtype)
-        elif self._packed_op and flat.shape[0] <= DEQUANTIZE_ABOVE_ROWS:
+            bias = None if self.bias is None else self.bias.to(flat.dtype).contiguous()
+            return int8_kernel.linear(self.kernel, flat, self.weight, self.scales32, bias).reshape(*lead, self.out_features)
+        if self._packed_op and flat.shape[0] <= DEQUANTIZE_ABOVE_ROWS:
             try:
                 y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales)
             except (RuntimeError, NotImplementedError):

@@ -11,6 +11,7 @@
    for 896-wide inputs. groove/node/int8_kernel.py compiles it on the node's machine
    (-march=native) and times it against torch's kernel per layer shape. */
 #include <stdint.h>
+#include <string.h>
 #include <immintrin.h>
 
 #if defined(__AVX512F__)
@@ -90,8 +91,7 @@ static inline __attribute__((always_inline)) void row(const float *x, const int8
     }
 }
 
-/* y[M, N] = (x[M, K] . w[N, K]^T) * scale[N]: x float32, w int8 (row-major), y float32. */
-void q8_linear(const float *x, const int8_t *w, const float *scale, float *y, long M, long N, long K) {
+static void q8_f32(const float *x, const int8_t *w, const float *scale, float *y, long M, long N, long K) {
     #pragma omp parallel for schedule(static)
     for (long n = 0; n < N; n++) {
         for (long m0 = 0; m0 < M; m0 += 4) {
@@ -102,5 +102,40 @@ void q8_linear(const float *x, const int8_t *w, const float *scale, float *y, lo
             default: row(x, w, scale, y, N, K, n, m0, 4); break;
             }
         }
+    }
+}
+
+static inline float from_bf16(uint16_t v) { uint32_t u = (uint32_t)v << 16; float f; memcpy(&f, &u, 4); return f; }
+
+static inline uint16_t to_bf16(float f) { /* round to nearest even, as torch does */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* y[M, N] = (x[M, K] . w[N, K]^T) * scale[N] (+ bias[N]): w int8 row-major, scale float32.
+   dtype 0: x, y and bias float32; dtype 1: bfloat16, with the sum rounded once. The work
+   buffer holds M * (K + N) floats. bias may be NULL. */
+void q8_linear(const void *x, const int8_t *w, const float *scale, const void *bias, void *y, long M, long N, long K,
+               int dtype, float *work) {
+    const float *xf = (const float *)x;
+    float *yf = (float *)y;
+    if (dtype == 1) {
+        float *xw = work;
+        for (long i = 0; i < M * K; i++) xw[i] = from_bf16(((const uint16_t *)x)[i]);
+        xf = xw;
+        yf = work + M * K;
+    }
+    q8_f32(xf, w, scale, yf, M, N, K);
+    if (dtype == 1) {
+        uint16_t *yb = (uint16_t *)y;
+        const uint16_t *bb = (const uint16_t *)bias;
+        for (long m = 0; m < M; m++)
+            for (long n = 0; n < N; n++) yb[m * N + n] = to_bf16(yf[m * N + n] + (bb ? from_bf16(bb[n]) : 0.f));
+    } else if (bias) {
+        const float *bf = (const float *)bias;
+        for (long m = 0; m < M; m++)
+            for (long n = 0; n < N; n++) yf[m * N + n] += bf[n];
     }
 }
