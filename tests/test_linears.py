@@ -171,6 +171,23 @@ def test_int8_without_the_kernel_still_runs_any_width(monkeypatch):
         assert torch.allclose(q(x).float(), expected, atol=5e-2, rtol=5e-2)
 
 
+def test_int8_kernel_unbuildable_leaves_torchs_kernel(monkeypatch, tmp_path):
+    """A cache directory that cannot be made (or no compiler) is not an error: the node
+    keeps torch's int8 kernel."""
+    from groove.node import int8_kernel
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker / "cache"))  # below a file: mkdir fails
+    monkeypatch.setattr(int8_kernel, "_loaded", {})
+    assert int8_kernel.build() is None and int8_kernel.load() is None
+    monkeypatch.setattr(int8_kernel, "_loaded", {})
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    assert int8_kernel.build() is None
+    q = Int8Linear(nn.Linear(64, 8, bias=False), torch.float32)
+    assert q.kernel is None and q(torch.randn(1, 2, 64)).shape == (1, 2, 8)
+
+
 def test_int8_prefill_dequantizes_in_blocks_like_all_at_once(monkeypatch):
     import groove.node.linears as linears
 

@@ -58,18 +58,18 @@ def build() -> Path | None:
     out = _cache_dir() / f"q8-{key.hexdigest()[:16]}.so"
     if out.is_file():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        built = Path(tmp) / out.name
-        try:
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+            built = Path(tmp) / out.name
             proc = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True, timeout=120)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            log.info("int8 kernel not built (%s): using torch's", exc)
-            return None
-        if proc.returncode != 0:
-            log.info("int8 kernel not built (%s): using torch's", proc.stderr.strip().splitlines()[-1:] or proc.returncode)
-            return None
-        os.replace(built, out)  # atomic: nodes starting together never load a half-written file
+            if proc.returncode != 0:
+                log.info("int8 kernel not built (%s): using torch's", proc.stderr.strip().splitlines()[-1:] or proc.returncode)
+                return None
+            os.replace(built, out)  # atomic: nodes starting together never load a half-written file
+    except (OSError, subprocess.TimeoutExpired) as exc:  # no cache directory, or the compiler failed to run
+        log.info("int8 kernel not built (%s): using torch's", exc)
+        return None
     return out
 
 
