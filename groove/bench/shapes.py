@@ -6,8 +6,9 @@ shapes: a random checkpoint with a model's exact configuration costs what the mo
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from .. import cache_dir
 
 SHAPES: dict[str, tuple[str, dict]] = {
     "qwen2.5-0.5b": ("qwen2", dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
@@ -27,8 +28,7 @@ SHAPES: dict[str, tuple[str, dict]] = {
 
 
 def cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or (Path.home() / ".cache")
-    return Path(base) / "groove" / "synthetic"
+    return cache_dir("synthetic")
 
 
 def synthetic_checkpoint(name: str, dtype: str = "bfloat16") -> Path:

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from .. import cache_dir
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("q8.c")
@@ -43,11 +45,6 @@ def _cpu_signature() -> str:
         return platform.processor()
 
 
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or (Path.home() / ".cache")
-    return Path(base) / "groove" / "kernels"
-
-
 def build() -> Path | None:
     """The compiled library, built if needed; None where it cannot be built here."""
     compiler = shutil.which(os.environ.get("CC", "cc"))
@@ -55,7 +52,7 @@ def build() -> Path | None:
         return None
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(FLAGS).encode(), _cpu_signature().encode()]))
-    out = _cache_dir() / f"q8-{key.hexdigest()[:16]}.so"
+    out = cache_dir("kernels") / f"q8-{key.hexdigest()[:16]}.so"
     if out.is_file():
         return out
     try:
@@ -94,6 +91,7 @@ def load():
 
 
 _scratch = threading.local()  # the kernel's work buffer, per calling thread
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # q8_linear's dtype argument
 
 
 def linear(fn, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -114,5 +112,3 @@ def linear(fn, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias
        m, n, k, code, work.data_ptr())
     return y
 
-
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
