@@ -35,6 +35,19 @@ async def ask_for_layers(args, ckpt, dtype) -> tuple[int, int]:
     return await request_placement(args.relay, request, local_token("node", args.token), args.tls_ca)
 
 
+def _glibc():
+    """The C library where it is glibc (whose allocator the calls below tune), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
 def set_mmap_threshold(nbytes: int) -> None:
     """glibc raises its mmap threshold each time a large block is freed, after which freed
     weights stay in the heap instead of going back to the system: loading and converting a
@@ -42,14 +55,9 @@ def set_mmap_threshold(nbytes: int) -> None:
     weight-sized block mapped on its own, so it is returned when freed; afterwards a 32 MiB
     threshold lets activations reuse heap memory instead of faulting in fresh pages (a 1 MiB
     threshold made a 512-token prefill 10% slower)."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt(-3, nbytes)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(-3, nbytes)  # M_MMAP_THRESHOLD
 
 
 # Entries in each of oneDNN's kernel caches (its primitive cache and ideep's, in front of
@@ -74,14 +82,9 @@ def bound_kernel_caches(entries: int = KERNEL_CACHE_ENTRIES) -> None:
 def release_free_memory() -> None:
     """Hand the heap's free pages back to the system (glibc keeps them otherwise): what
     the load-time checks freed does not stay resident for the node's life."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def eos_ids(ref: checkpoint.ModelRef, config: dict) -> set[int]:

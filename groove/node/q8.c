@@ -1,7 +1,8 @@
 /* Weight-only int8 linear layer for the CPU, for decode-sized calls (a few rows).
 
-   y[M, N] = (x[M, K] . w[N, K]^T) * scale[N], with x float32, w int8 row-major (one row per
-   output channel, as Int8Linear stores it) and y float32. Products of a bfloat16 input and
+   y[M, N] = (x[M, K] . w[N, K]^T) * scale[N] (+ bias), with w int8 row-major (one row per
+   output channel, as Int8Linear stores it) and x, y, bias in float32 or bfloat16 (summed in
+   float32, rounded once; see q8_linear at the end). Products of a bfloat16 input and
    an int8 weight are exact in float32; only the order of the sums rounds, and that order is
    fixed per output (64 inputs at a time, then the tail), so a row gets the same result
    whatever else is in the call.
@@ -9,7 +10,8 @@
    torch's _weight_int8pack_mm streams int8 weights at 13-15 GB/s here (AMD EPYC, AVX-512);
    this reads 64 weights per load and sums them as a small tree, and streams at 22-28 GB/s
    for 896-wide inputs. groove/node/int8_kernel.py compiles it on the node's machine
-   (-march=native) and times it against torch's kernel per layer shape. */
+   (-march=native). The AVX-512 and AVX2 blocks below are the same few operations, once per
+   instruction set. */
 #include <stdint.h>
 #include <string.h>
 #include <immintrin.h>
