@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from groove.node import linears
 from groove.node.linears import (
     Int8Linear,
     PackedLinear,
@@ -131,9 +132,9 @@ def _kernel_expected_here() -> bool:
 @pytest.mark.skipif(not _kernel_expected_here(), reason="no C compiler or no AVX2/AVX-512 here")
 @pytest.mark.parametrize("k,n", [(896, 300), (100, 33), (70, 5)])
 def test_int8_kernel_builds_and_gives_each_row_the_same_result_in_any_batch(k, n):
-    from groove.node import int8_kernel
+    from groove.node import cpu_kernels
 
-    fn = int8_kernel.load()
+    fn = cpu_kernels.load("q8")
     assert fn is not None, "the int8 kernel did not build"
     torch.manual_seed(k)
     lin = nn.Linear(k, n, bias=True)
@@ -157,10 +158,10 @@ def test_int8_kernel_builds_and_gives_each_row_the_same_result_in_any_batch(k, n
 def test_int8_without_the_kernel_still_runs_any_width(monkeypatch):
     """GROOVE_INT8_KERNEL=0 keeps torch's kernel, whose crash on inputs not a multiple of 16
     wide is avoided by dequantizing instead."""
-    from groove.node import int8_kernel
+    from groove.node import cpu_kernels
 
     monkeypatch.setenv("GROOVE_INT8_KERNEL", "0")
-    monkeypatch.setattr(int8_kernel, "_loaded", {})
+    monkeypatch.setattr(cpu_kernels, "_loaded", {})
     torch.manual_seed(3)
     for k in (100, 128):
         lin = nn.Linear(k, 40, bias=False).to(torch.bfloat16)
@@ -174,18 +175,68 @@ def test_int8_without_the_kernel_still_runs_any_width(monkeypatch):
 def test_int8_kernel_unbuildable_leaves_torchs_kernel(monkeypatch, tmp_path):
     """A cache directory that cannot be made (or no compiler) is not an error: the node
     keeps torch's int8 kernel."""
-    from groove.node import int8_kernel
+    from groove.node import cpu_kernels
 
     blocker = tmp_path / "file"
     blocker.write_text("")
     monkeypatch.setenv("XDG_CACHE_HOME", str(blocker / "cache"))  # below a file: mkdir fails
-    monkeypatch.setattr(int8_kernel, "_loaded", {})
-    assert int8_kernel.build() is None and int8_kernel.load() is None
-    monkeypatch.setattr(int8_kernel, "_loaded", {})
+    monkeypatch.setattr(cpu_kernels, "_loaded", {})
+    assert cpu_kernels.build("q8") is None and cpu_kernels.load("q8") is None
+    monkeypatch.setattr(cpu_kernels, "_loaded", {})
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-    assert int8_kernel.build() is None
+    assert cpu_kernels.build("q8") is None
     q = Int8Linear(nn.Linear(64, 8, bias=False), torch.float32)
     assert q.kernel is None and q(torch.randn(1, 2, 64)).shape == (1, 2, 8)
+
+
+def _bf16_kernel_expected_here() -> bool:
+    """A C compiler, oneDNN, and an x86 CPU with AVX-512 BF16: the bfloat16 kernel must build."""
+    from pathlib import Path
+
+    cpuinfo = Path("/proc/cpuinfo")
+    return _kernel_expected_here() and " avx512_bf16" in (cpuinfo.read_text() if cpuinfo.is_file() else "") \
+        and packing_available(torch.device("cpu"), torch.bfloat16)
+
+
+@pytest.mark.skipif(not _bf16_kernel_expected_here(), reason="no C compiler, oneDNN or AVX-512 BF16 here")
+@pytest.mark.parametrize("k,n,bias", [(896, 4864, False), (4864, 896, False), (896, 128, True), (1088, 192, True)])
+def test_bf16_kernel_gives_each_row_nn_linears_one_row_result(k, n, bias):
+    """groove's bfloat16 kernel reads oneDNN's packed weight and sums in the order of
+    oneDNN's one-row kernel (chunks of 512 inputs, pairs, then the bias, one rounding): each
+    row, in a call of any size, is bit for bit nn.Linear's one-row result. Summing the
+    pairs' other input first, or chunks of another size, or rounding before the bias, each
+    fails this."""
+    from groove.node import cpu_kernels
+
+    torch.manual_seed(k + n)
+    lin = nn.Linear(k, n, bias=bias).to(torch.bfloat16)
+    packed = PackedLinear(lin, 1, own_kernel=True)
+    assert packed.kernel is not None and packed.kernel is cpu_kernels.load("bf16"), "the bfloat16 kernel did not build"
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 64, k, generator=g).to(torch.bfloat16)
+    with torch.inference_mode():
+        alone = torch.cat([lin(_fresh(x[:, j : j + 1])) for j in range(64)], dim=1)
+        for rows in range(1, linears.OWN_KERNEL_ROWS + 1):
+            for start in range(0, 64 - rows + 1, rows):
+                assert torch.equal(packed.fast(x[:, start : start + rows]), alone[:, start : start + rows]), (rows, start)
+
+
+@pytest.mark.skipif(not _bf16_kernel_expected_here(), reason="no C compiler, oneDNN or AVX-512 BF16 here")
+def test_bf16_kernel_only_where_it_reads_the_packed_layout(monkeypatch):
+    from groove.node import cpu_kernels
+
+    torch.manual_seed(5)
+    lin = nn.Linear(96, 128, bias=False).to(torch.bfloat16)
+    packed = torch.ops.mkldnn._reorder_linear_weight(lin.weight.detach(), 1)
+    assert cpu_kernels.reads_packed_layout(lin.weight.detach(), packed)
+    assert not cpu_kernels.reads_packed_layout(lin.weight.detach().flip(0), packed)  # another weight's bytes
+    odd = nn.Linear(96, 100, bias=False).to(torch.bfloat16)  # not a whole number of 64-output blocks
+    assert PackedLinear(odd, 1, own_kernel=True).kernel is None
+    monkeypatch.setenv("GROOVE_BF16_KERNEL", "0")
+    monkeypatch.setattr(cpu_kernels, "_loaded", {})
+    assert PackedLinear(lin, 1, own_kernel=True).kernel is None
+    choice = linears.choose_hint(lin)
+    assert choice is not None and choice[1] is False  # oneDNN's kernel, in some layout
 
 
 def test_int8_prefill_dequantizes_in_blocks_like_all_at_once(monkeypatch):

@@ -10,8 +10,15 @@ calls of the 4864 -> 896 down projection, where only about one input in ten show
 its 896 outputs. Which blocked layout is fastest depends on the CPU too (with AMX, the one
 oneDNN picks for 16 rows; without, the one for a single row). So:
 
-- ``choose_hint`` times the candidate layouts on the first layer of each shape and keeps
-  the fastest whose one-row calls round like ``nn.Linear``'s.
+- ``choose_hint`` times the candidate layouts on the first layer of each shape, each with
+  oneDNN's kernel and (where it reads that layout) groove's own one-row kernel ``bf16.c``,
+  and keeps the fastest whose one-row calls round like ``nn.Linear``'s.
+
+**groove's bfloat16 kernel.** ``bf16.c`` reads the packed weight in place and sums each
+output in the order oneDNN's one-row kernel does on a CPU with AVX-512 BF16 (found by
+probing ``nn.Linear``), so its results are ``nn.Linear``'s bit for bit there, at 1.6-1.9x
+oneDNN's speed for decode-sized calls. It goes through the same checks as oneDNN's packed
+kernel: a CPU where oneDNN sums otherwise keeps oneDNN's.
 - Each call size takes the packed weight only once calls of that size have matched
   ``nn.Linear`` on the unpacked weight over ``COMPARED_OUTPUTS`` outputs (decode sizes
   up to ``CHECKED_ROWS`` at load, for what fits ``settle``'s time; any size on its first
@@ -32,7 +39,7 @@ rounded as the same rows alone would be.
 **Weight-only int8** (``--quantize int8``). Each output channel keeps one scale
 (symmetric, absmax / 127) and activations stay in the compute dtype, so decoding reads half
 of bfloat16's bytes. Decode-sized calls multiply by the int8 weights directly: in
-groove's own kernel (``q8.c``, compiled on the node's machine by ``int8_kernel``), else in
+groove's own kernel (``q8.c``, compiled on the node's machine by ``cpu_kernels``), else in
 torch's ``_weight_int8pack_mm``.
 """
 
@@ -47,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import int8_kernel
+from . import cpu_kernels
 
 
 def replace_linears(model: nn.Module, make: Callable[[nn.Module], nn.Module], kinds: tuple = (nn.Linear,)) -> int:
@@ -89,16 +96,28 @@ class PackedLinear(nn.Module):
     """A linear layer with its weight packed once, in the layout oneDNN picks for ``hint``
     rows. See the module's docstring for when it takes the packed weight."""
 
-    # (in, out, bias, hint) -> {call size: outputs compared equal so far, or -1 once one
-    # differed}. Kernels depend on shapes, not weights: the count serves every layer of a shape.
-    sizes_checked: dict[tuple[int, int, bool, int], dict[int, int]] = {}
+    # (in, out, bias, hint, own kernel) -> {call size: outputs compared equal so far, or -1
+    # once one differed}. Kernels depend on shapes, not weights: the count serves every layer
+    # of a shape.
+    sizes_checked: dict[tuple[int, int, bool, int, bool], dict[int, int]] = {}
+    # (in, out, hint) -> whether bf16.c reads oneDNN's packed layout: checked on the first
+    # layer of each shape (oneDNN picks the layout by shape, hint and CPU).
+    layout_read: dict[tuple[int, int, int], bool] = {}
 
-    def __init__(self, linear: nn.Linear, hint: int = 1):
+    def __init__(self, linear: nn.Linear, hint: int = 1, own_kernel: bool = False):
         super().__init__()
         self.in_features, self.out_features, self.hint = linear.in_features, linear.out_features, hint
         self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), hint))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
-        key = (self.in_features, self.out_features, self.bias is not None, hint)
+        self.kernel = cpu_kernels.load("bf16") if own_kernel else None
+        if self.kernel is not None:
+            shape = (self.in_features, self.out_features, hint)
+            if shape not in self.layout_read:
+                self.layout_read[shape] = cpu_kernels.reads_packed_layout(linear.weight.detach(), self.packed)
+            if not self.layout_read[shape]:
+                self.kernel = None
+        self._address: tuple[torch.Tensor, int] | None = None
+        key = (self.in_features, self.out_features, self.bias is not None, hint, self.kernel is not None)
         self.checked = self.sizes_checked.setdefault(key, {})
         # The unpacked weight the checks compare against while loading: the original, so
         # they need no unpacked copy (272 MB for Qwen2.5-0.5B's LM head). None afterwards.
@@ -122,7 +141,18 @@ class PackedLinear(nn.Module):
         return compared < 0 or compared >= COMPARED_OUTPUTS
 
     def fast(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if self.kernel is not None and rows <= OWN_KERNEL_ROWS:
+            y = cpu_kernels.bf16_linear(self.kernel, x.reshape(rows, self.in_features), self.address(), self.out_features,
+                                        self.bias)
+            return y.view(*x.shape[:-1], self.out_features)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    def address(self) -> int:
+        """Where the packed weight's bytes are (looked up again should the buffer change)."""
+        if self._address is None or self._address[0] is not self.packed:
+            self._address = (self.packed, cpu_kernels.packed_address(self.packed))
+        return self._address[1]
 
     def unpacked(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.reference if self.reference is not None else self.packed.to_dense()
@@ -142,27 +172,35 @@ def settle(linear: PackedLinear, sizes, seconds: float | None = None, seed: int 
                 linear(torch.randn(1, rows, linear.in_features, generator=g).to(linear.packed.dtype))
 
 
-def choose_hint(linear: nn.Linear, hints: tuple[int, ...] = PACK_HINTS, calls: int = 5) -> int | None:
-    """The packed layout whose one-row call is fastest among those that round one-row
-    calls like ``nn.Linear``; None when none does."""
+def choose_hint(linear: nn.Linear, hints: tuple[int, ...] = PACK_HINTS, calls: int = 5) -> tuple[int, bool] | None:
+    """The packed layout and kernel (oneDNN's, or groove's own: True) whose one-row call is
+    fastest among those that round one-row calls like ``nn.Linear``; None when none does."""
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(1, 1, linear.in_features, generator=g).to(dtype=linear.weight.dtype)
-    best: tuple[float, int] | None = None
+    best: tuple[float, int, bool] | None = None
     with torch.inference_mode():
         for hint in hints:
-            packed = PackedLinear(linear, hint)
-            packed.reference = linear.weight
-            settle(packed, [1])
-            if packed.checked.get(1, 0) >= 0:
-                seconds = float("inf")
-                for _ in range(calls):
-                    t0 = time.perf_counter()
-                    packed.fast(x)
-                    seconds = min(seconds, time.perf_counter() - t0)
-                best = min(best or (seconds, hint), (seconds, hint))
-            del packed  # before the next layout is packed: one packed copy at a time
-    return best[1] if best else None
+            for own in (False, True):
+                packed = PackedLinear(linear, hint, own_kernel=own)
+                if own and packed.kernel is None:
+                    continue  # no own kernel here, or it does not read this layout
+                packed.reference = linear.weight
+                settle(packed, [1])
+                if packed.checked.get(1, 0) >= 0:
+                    seconds = float("inf")
+                    for _ in range(calls):
+                        t0 = time.perf_counter()
+                        packed.fast(x)
+                        seconds = min(seconds, time.perf_counter() - t0)
+                    best = min(best or (seconds, hint, own), (seconds, hint, own))
+                del packed  # before the next layout is packed: one packed copy at a time
+    return best[1:] if best else None
 
+
+# Calls of up to this many rows take groove's own kernel where a layer has it. It reads the
+# weight once per three rows, and from about 12 rows on oneDNN's blocked kernel is as fast
+# (measured cold on Qwen2.5-0.5B's shapes: 1.2-1.4x oneDNN's speed at 1-3 rows, 1.1x at 8).
+OWN_KERNEL_ROWS = 8
 
 # The row probe's sizes settled at load, while the original weight is there: up to the LM
 # head's probe cap (Shard's ``largest``). Only smaller layers are probed at larger sizes,
@@ -177,17 +215,17 @@ class Packer:
 
     def __init__(self, settle_s: float = 0.5):
         self.settle_s = settle_s
-        self.hints: dict[tuple[int, int, bool], int | None] = {}
+        self.hints: dict[tuple[int, int, bool], tuple[int, bool] | None] = {}
 
     def __call__(self, linear: nn.Module) -> nn.Module:
         shape = (linear.in_features, linear.out_features, linear.bias is not None)
         first = shape not in self.hints
         if first:
             self.hints[shape] = choose_hint(linear)
-        hint = self.hints[shape]
-        if hint is None:
+        choice = self.hints[shape]
+        if choice is None:
             return linear
-        packed = PackedLinear(linear, hint)
+        packed = PackedLinear(linear, *choice)
         if first:
             packed.reference = linear.weight
             # The sizes the row probe will call (make_row_exact) first, whatever they cost:
@@ -217,7 +255,7 @@ DEQUANTIZED_BLOCK_BYTES = 16 << 20
 class Int8Linear(nn.Module):
     """Weight-only int8 (see the module's docstring). Calls of up to
     ``DEQUANTIZE_ABOVE_ROWS`` rows take the int8 weights as they are: in groove's own kernel
-    (``int8_kernel``) where it could be built, else in torch's ``_weight_int8pack_mm``.
+    (``cpu_kernels``) where it could be built, else in torch's ``_weight_int8pack_mm``.
     Longer calls dequantize.
 
     The own kernel is used for every shape, not only where it wins a one-layer timing: a
@@ -244,7 +282,7 @@ class Int8Linear(nn.Module):
         self._packed_op = self.in_features % 16 == 0
         self.kernel = None
         if q.device.type == "cpu":
-            self.kernel = int8_kernel.load()
+            self.kernel = cpu_kernels.load("q8")
             if self.kernel is not None:
                 self.register_buffer("scales32", scales)  # the kernel scales in float32
 
@@ -255,7 +293,7 @@ class Int8Linear(nn.Module):
         # 3x faster (measured at 512 rows).
         if self.kernel is not None and flat.shape[0] <= DEQUANTIZE_ABOVE_ROWS:
             bias = None if self.bias is None else self.bias.to(flat.dtype).contiguous()
-            return int8_kernel.linear(self.kernel, flat, self.weight, self.scales32, bias).reshape(*lead, self.out_features)
+            return cpu_kernels.int8_linear(self.kernel, flat, self.weight, self.scales32, bias).reshape(*lead, self.out_features)
         if self._packed_op and flat.shape[0] <= DEQUANTIZE_ABOVE_ROWS:
             try:
                 y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales)

@@ -9,7 +9,7 @@
 
    torch's _weight_int8pack_mm streams int8 weights at 13-15 GB/s here (AMD EPYC, AVX-512);
    this reads 64 weights per load and sums them as a small tree, and streams at 22-28 GB/s
-   for 896-wide inputs. groove/node/int8_kernel.py compiles it on the node's machine
+   for 896-wide inputs. groove/node/cpu_kernels.py compiles it on the node's machine
    (-march=native). The AVX-512 and AVX2 blocks below are the same few operations, once per
    instruction set. */
 #include <stdint.h>
