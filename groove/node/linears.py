@@ -13,12 +13,6 @@ oneDNN picks for 16 rows; without, the one for a single row). So:
 - ``choose_hint`` times the candidate layouts on the first layer of each shape, each with
   oneDNN's kernel and (where it reads that layout) groove's own one-row kernel ``bf16.c``,
   and keeps the fastest whose one-row calls round like ``nn.Linear``'s.
-
-**groove's bfloat16 kernel.** ``bf16.c`` reads the packed weight in place and sums each
-output in the order oneDNN's one-row kernel does on a CPU with AVX-512 BF16 (found by
-probing ``nn.Linear``), so its results are ``nn.Linear``'s bit for bit there, at 1.6-1.9x
-oneDNN's speed for decode-sized calls. It goes through the same checks as oneDNN's packed
-kernel: a CPU where oneDNN sums otherwise keeps oneDNN's.
 - Each call size takes the packed weight only once calls of that size have matched
   ``nn.Linear`` on the unpacked weight over ``COMPARED_OUTPUTS`` outputs (decode sizes
   up to ``CHECKED_ROWS`` at load, for what fits ``settle``'s time; any size on its first
@@ -30,6 +24,13 @@ Results are then bit-for-bit those of ``nn.Linear`` at every size. Layers with a
 packed kernel: on some CPUs that rounds like ``addmm`` (all 300 inputs tried on one with
 AMX), on others it does not, and the checks then keep ``addmm``. float32 is left alone:
 ``nn.Linear`` uses MKL there and oneDNN rounds differently.
+
+**groove's bfloat16 kernel.** ``bf16.c`` reads the packed weight in place and sums each
+output in the order oneDNN's one-row kernel does on a CPU with AVX-512 BF16 (found by
+probing ``nn.Linear``), so its results are ``nn.Linear``'s bit for bit there, 1.2-1.9x
+faster than oneDNN's kernel for calls of up to ``OWN_KERNEL_ROWS`` rows (measured from
+memory on Qwen2.5-0.5B's shapes). It goes through the same checks as oneDNN's packed
+kernel: a CPU where oneDNN sums otherwise keeps oneDNN's.
 
 **Input strides.** ``nn.Linear`` in bfloat16 rounds a slice ``x[:, a:b]`` of a longer
 sequence unlike a tensor of its own with the same values (oneDNN sees the slice's batch
