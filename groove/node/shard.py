@@ -5,7 +5,7 @@ one. So the pieces (a decode token, or a chunk of a prompt, or the hidden states
 are laid end to end as one sequence ``[1, total, hidden]``: every linear layer, norm and
 MLP runs once over all of them, each token with its own session's position. Only attention
 is per piece, against that session's own KV cache (a transformers ``DynamicCache`` sized to
-the slice's layers), through ``attention.batched_attention``. A batch of one piece takes
+the slice's layers, whose full-attention layers grow in place: ``kv_cache``), through ``attention.batched_attention``. A batch of one piece takes
 the same kernels with the same shapes as transformers' own forward, so a session alone
 gets transformers' results bit for bit; linear layers whose kernels round a one-row call
 differently (``linears.RowExact``) keep decode steps in one-row calls, so a session's
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ..protocol.messages import Sampling
-from . import attention, linears
+from . import attention, kv_cache, linears
 from .loader import LoadedSlice
 from .sampling import make_generator
 
@@ -94,9 +94,7 @@ class Shard:
         return self.s.is_last
 
     def new_session(self, sampling: Sampling) -> SessionState:
-        from transformers import DynamicCache
-
-        return SessionState(sampling=sampling, cache=DynamicCache(config=self.s.config), generator=make_generator(sampling))
+        return SessionState(sampling=sampling, cache=kv_cache.session_cache(self.s.config), generator=make_generator(sampling))
 
     def step(self, state: SessionState, start: int, tokens: list[int] | None = None, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """One piece alone: hidden states [1, n, hidden] (not last) or float32 logits [vocab] (last)."""
