@@ -19,6 +19,7 @@ from groove.node.linears import (
     packing_available,
     replace_linears,
     row_layout,
+    settle,
 )
 
 
@@ -259,6 +260,42 @@ def test_bf16_kernel_only_where_it_reads_the_packed_layout(monkeypatch):
     assert PackedLinear(lin, 1, own_kernel=True).kernel is None
     choice = linears.choose_hint(lin)
     assert choice is not None and choice[1] is False  # oneDNN's kernel, in some layout
+
+
+@pytest.mark.skipif(not _bf16_kernel_expected_here(), reason="no C compiler, oneDNN or AVX-512 BF16 here")
+def test_row_exact_sends_runs_of_single_rows_through_the_bf16_kernel_together():
+    """The down projection's multi-row calls round unlike its one-row calls, so a batch's
+    decode rows used to go one call each, each reading the whole weight. groove's kernel
+    gives a run of single rows their one-row results in one call; a prompt's piece still
+    gets nn.Linear's own call of its size."""
+    torch.manual_seed(6)
+    lin = nn.Linear(4864, 896, bias=False).to(torch.bfloat16)
+    packed = PackedLinear(lin, 1, own_kernel=True)
+    if packed.kernel is None:
+        pytest.skip("oneDNN packs another layout on this CPU: the kernel is not used here")
+    packed.reference = lin.weight
+    settle(packed, [1])
+    packed.reference = None
+    if packed.alone_rows() == 0:
+        pytest.skip("oneDNN's one-row kernel sums otherwise on this CPU: the kernel is not used here")
+    sizes: list[int] = []
+    fast = packed.fast
+
+    def counted(x):
+        sizes.append(x.numel() // x.shape[-1])
+        return fast(x)
+
+    packed.fast = counted
+    wrapped = RowExact(packed, safe=1)
+    counts = [1] * 5 + [3] + [1] * 4
+    x = torch.randn(1, sum(counts), 4864, dtype=torch.bfloat16)
+    with torch.inference_mode(), row_layout(counts):
+        out = wrapped(x)
+    with torch.inference_mode():
+        for j in [*range(5), *range(8, 12)]:
+            assert torch.equal(out[:, j : j + 1], lin(_fresh(x[:, j : j + 1]))), j
+        assert torch.equal(out[:, 5:8], lin(_fresh(x[:, 5:8])))
+    assert 5 in sizes and 4 in sizes and 1 not in sizes, sizes
 
 
 def test_int8_prefill_dequantizes_in_blocks_like_all_at_once(monkeypatch):

@@ -149,6 +149,12 @@ class PackedLinear(nn.Module):
             return y.view(*x.shape[:-1], self.out_features)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
+    def alone_rows(self) -> int:
+        """How many rows one call can take while giving each row what a one-row call gives
+        it: groove's kernel sums every row alike in calls of up to ``OWN_KERNEL_ROWS``, and
+        serves this layer once its one-row calls have matched ``nn.Linear``'s. 0 otherwise."""
+        return OWN_KERNEL_ROWS if self.kernel is not None and self.checked.get(1, 0) >= COMPARED_OUTPUTS else 0
+
     def address(self) -> int:
         """Where the packed weight's bytes are (looked up again should the buffer change)."""
         if self._address is None or self._address[0] is not self.packed:
@@ -343,7 +349,10 @@ class RowExact(nn.Module):
     in calls of at most ``safe`` rows, the largest size whose rows the probe found equal
     to one-row calls (1 where even two rows differ).
 
-    Where even that is small, ``pad`` (from ``transposed_pad``) may offer a way round: runs
+    Where even that is small, groove's bfloat16 kernel, where it serves the layer
+    (``PackedLinear.alone_rows``), takes runs of up to ``OWN_KERNEL_ROWS`` single rows in one
+    call: it sums each row as a one-row call does. Else ``pad`` (from ``transposed_pad``)
+    may offer a way round: runs
     of more than ``safe`` and at most ``pad`` single rows go in one transposed call,
     weight times rows, padded to ``pad`` rows, whose kernel the probe found to sum each
     row like the one-row call. (On a CPU with AMX, oneDNN's one-row kernel for the
@@ -364,14 +373,18 @@ class RowExact(nn.Module):
         row = run = 0  # run: single rows waiting to go out together, just before ``row``
 
         pad = self.pad if x.shape[0] == 1 else None
+        # Single rows a call of groove's bfloat16 kernel gives their one-row results together.
+        alone = self.inner.alone_rows() if isinstance(self.inner, PackedLinear) and x.shape[0] == 1 else 0
 
         def flush() -> None:
-            if run > self.safe:
+            if self.safe < run <= alone:
+                parts.append(self.inner.fast(canonical(x[:, row - run : row])))
+            elif run > self.safe:
                 parts.append(transposed(self.inner.weight, x[:, row - run : row], pad))
             elif run:
                 parts.append(self.inner(canonical(x[:, row - run : row])))
 
-        most = pad or self.safe
+        most = max(pad or self.safe, alone)
         for n in counts:
             if n == 1:
                 run += 1
