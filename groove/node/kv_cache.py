@@ -5,9 +5,10 @@ which copies the layer's whole cache every step: 0.84 ms of a 22 ms decode step 
 12 layers of half of Qwen2.5-0.5B at 512 cached tokens (torch profiler). ``GrowingLayer``
 keeps keys and values in buffers with room for more positions, writes a step's positions
 in place, and hands attention views of the filled part. Attention reads the same values
-through the same per-position strides, so its results are unchanged bit for bit (the
-pipeline tests compare logits with transformers'). Sliding-window layers keep
-transformers' own class.
+through the same per-position strides, so its results are unchanged bit for bit
+(``tests/test_kv_cache.py`` compares a shard's logits through both caches, and the
+pipeline tests compare with transformers). Sliding-window layers keep transformers' own
+class.
 """
 
 from __future__ import annotations

@@ -352,10 +352,9 @@ class RowExact(nn.Module):
     Where even that is small, groove's bfloat16 kernel, where it serves the layer
     (``PackedLinear.alone_rows``), takes runs of up to ``OWN_KERNEL_ROWS`` single rows in one
     call: it sums each row as a one-row call does. Else ``pad`` (from ``transposed_pad``)
-    may offer a way round: runs
-    of more than ``safe`` and at most ``pad`` single rows go in one transposed call,
-    weight times rows, padded to ``pad`` rows, whose kernel the probe found to sum each
-    row like the one-row call. (On a CPU with AMX, oneDNN's one-row kernel for the
+    may offer a way round: runs of more than ``safe`` and at most ``pad`` single rows go
+    in one transposed call, weight times rows, padded to ``pad`` rows, whose kernel the
+    probe found to sum each row like the one-row call. (On a CPU with AMX, oneDNN's one-row kernel for the
     4864 -> 896 down projection rounds unlike every multi-row call, but like the
     transposed product of 33-128 rows: one call instead of a call per row.)"""
 
