@@ -41,6 +41,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(default_demo_model()))
     ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="compute dtype of both runs (int8 weights multiply rows of this dtype)")
     args = ap.parse_args()
     from ..consumer.tokenizer import load_tokenizer
     from ..models.checkpoint import resolve
@@ -48,9 +50,9 @@ def main() -> None:
 
     tok = load_tokenizer(resolve(args.model))
     ids = tok.encode(corpus_text())[-args.tokens :]  # inside the held-out 5% of the demo model
-    base = perplexity(args.model, ids, "none")
-    int8 = perplexity(args.model, ids, "int8")
-    print(json.dumps({"model": args.model, "tokens": len(ids), "perplexity_float32": round(base, 3),
+    base = perplexity(args.model, ids, "none", args.dtype)
+    int8 = perplexity(args.model, ids, "int8", args.dtype)
+    print(json.dumps({"model": args.model, "tokens": len(ids), f"perplexity_{args.dtype}": round(base, 3),
                       "perplexity_int8": round(int8, 3), "change_pct": round((int8 / base - 1) * 100, 2)}))
 
 

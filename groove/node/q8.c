@@ -9,9 +9,12 @@
 
    torch's _weight_int8pack_mm streams int8 weights at 13-15 GB/s here (AMD EPYC, AVX-512);
    this reads 64 weights per load and sums them as a small tree, and streams at 22-28 GB/s
-   for 896-wide inputs. groove/node/cpu_kernels.py compiles it on the node's machine
-   (-march=native). The AVX-512 and AVX2 blocks below are the same few operations, once per
-   instruction set. */
+   for 896-wide inputs. On a CPU with AVX-512 BF16, bfloat16 rows take q8_bf16 instead: the
+   weights become bfloat16 (exactly) and meet the rows in vdpbf16ps, without converting the
+   rows to float32 first; that is 1.0-1.9x as fast for one row and 1.4-1.6x for four
+   (Qwen2.5-0.5B's shapes, from memory). groove/node/cpu_kernels.py compiles this file on
+   the node's machine (-march=native). The AVX-512 and AVX2 blocks below are the same few
+   operations, once per instruction set. */
 #include <stdint.h>
 #include <string.h>
 #include <immintrin.h>
@@ -116,11 +119,68 @@ static inline uint16_t to_bf16(float f) { /* round to nearest even, as torch doe
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
+#if defined(__AVX512BF16__)
+/* bfloat16 rows on a CPU with AVX-512 BF16: each weight is converted to bfloat16 (exact for
+   int8) and multiplied with the bfloat16 inputs as they are by vdpbf16ps, 32 weights per
+   instruction. Each output's sum goes in a fixed order (16 lanes, each over pairs of
+   inputs, then the lanes as a fixed tree), whatever else is in the call. */
+static inline __m512bh w_bf16(__m128i lo, __m128i hi) {
+    return _mm512_cvtne2ps_pbh(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi)), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)));
+}
+
+static inline __attribute__((always_inline)) void row_bf16(const uint16_t *x, const int8_t *w, const float *scale,
+                                                          const uint16_t *bias, uint16_t *y, long N, long K, long n,
+                                                          long m0, const int mm) {
+    const long K64 = K - K % 64;
+    const int8_t *wr = w + n * K;
+    __m512 acc[4];
+    for (int j = 0; j < mm; j++) acc[j] = _mm512_setzero_ps();
+    for (long k = 0; k < K64; k += 64) {
+        __m512i b = _mm512_loadu_si512((const void *)(wr + k));
+        __m512bh w0 = w_bf16(_mm512_extracti32x4_epi32(b, 0), _mm512_extracti32x4_epi32(b, 1));
+        __m512bh w1 = w_bf16(_mm512_extracti32x4_epi32(b, 2), _mm512_extracti32x4_epi32(b, 3));
+        for (int j = 0; j < mm; j++) {
+            const uint16_t *xr = x + (m0 + j) * K + k;
+            acc[j] = _mm512_dpbf16_ps(acc[j], w0, (__m512bh)_mm512_loadu_si512((const void *)xr));
+            acc[j] = _mm512_dpbf16_ps(acc[j], w1, (__m512bh)_mm512_loadu_si512((const void *)(xr + 32)));
+        }
+    }
+    for (int j = 0; j < mm; j++) {
+        float s = _mm512_reduce_add_ps(acc[j]);
+        for (long k = K64; k < K; k++) s += from_bf16(x[(m0 + j) * K + k]) * (float)wr[k];
+        s *= scale[n];
+        if (bias) s += from_bf16(bias[n]);
+        y[(m0 + j) * N + n] = to_bf16(s);
+    }
+}
+
+static void q8_bf16(const uint16_t *x, const int8_t *w, const float *scale, const uint16_t *bias, uint16_t *y, long M,
+                    long N, long K) {
+    #pragma omp parallel for schedule(static)
+    for (long n = 0; n < N; n++) {
+        for (long m0 = 0; m0 < M; m0 += 4) {
+            switch (M - m0 < 4 ? M - m0 : 4) {
+            case 1: row_bf16(x, w, scale, bias, y, N, K, n, m0, 1); break;
+            case 2: row_bf16(x, w, scale, bias, y, N, K, n, m0, 2); break;
+            case 3: row_bf16(x, w, scale, bias, y, N, K, n, m0, 3); break;
+            default: row_bf16(x, w, scale, bias, y, N, K, n, m0, 4); break;
+            }
+        }
+    }
+}
+#endif
+
 /* y[M, N] = (x[M, K] . w[N, K]^T) * scale[N] (+ bias[N]): w int8 row-major, scale float32.
    dtype 0: x, y and bias float32; dtype 1: bfloat16, with the sum rounded once. The work
    buffer holds M * (K + N) floats. bias may be NULL. */
 void q8_linear(const void *x, const int8_t *w, const float *scale, const void *bias, void *y, long M, long N, long K,
                int dtype, float *work) {
+#if defined(__AVX512BF16__)
+    if (dtype == 1) {
+        q8_bf16((const uint16_t *)x, w, scale, (const uint16_t *)bias, (uint16_t *)y, M, N, K);
+        return;
+    }
+#endif
     const float *xf = (const float *)x;
     float *yf = (float *)y;
     if (dtype == 1) {
