@@ -60,6 +60,19 @@ def set_mmap_threshold(nbytes: int) -> None:
         libc.mallopt(-3, nbytes)  # M_MMAP_THRESHOLD
 
 
+def set_trim_threshold(nbytes: int) -> None:
+    """Setting the mmap threshold also freezes glibc's trim threshold at 128 KiB, so every
+    prompt's freed activations (and an int8 layer's dequantized blocks) went back to the
+    system and were faulted in again on the next call. A 64 MiB threshold keeps them in the
+    heap: a 512-token prompt through 12 layers of Qwen2.5-0.5B and its LM head took 590
+    instead of 840 ms in int8 and 555 instead of 630 ms in bfloat16 (32 MiB: 610 ms in
+    int8; 16 MiB: 785). The node's peak is unchanged (the memory was in use at that moment);
+    only what it holds between prompts can be up to that much higher."""
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(-1, nbytes)  # M_TRIM_THRESHOLD
+
+
 # Entries in each of oneDNN's kernel caches (its primitive cache and ideep's, in front of
 # it): about 1 MiB apiece here, and both default to 1,024. Every call size of every layer
 # shape makes an entry, so a node serving prompts of many lengths grew by about 5 MiB per
@@ -138,6 +151,7 @@ def run(args) -> int:
     # returned when freed instead of fragmenting the heap (35 MiB lower peak, measured).
     shard = pool.submit(Shard, loaded, batch_exact=not args.no_batch_exact, max_batch=args.max_batch).result()
     set_mmap_threshold(32 << 20)
+    set_trim_threshold(64 << 20)
     release_free_memory()
     worker = NodeWorker(
         shard,
