@@ -165,3 +165,29 @@ def test_first_node_keeps_only_the_embedding_rows_it_reads(tmp_path, cluster_fac
     time.sleep(1.5)  # a heartbeat carries the peaks
     peaks = {tuple(n["layers"]): n["peak_rss_bytes"] / 2**20 for n in status(cluster.address)["nodes"]}
     assert peaks[(0, 0)] < peaks[(1, 1)] + 32, f"peak resident MiB per node: {peaks}"
+
+
+def test_a_freed_prompt_sized_block_stays_in_the_nodes_heap():
+    """Setting the mmap threshold freezes glibc's trim threshold at 128 KiB: a freed 16 MiB
+    block (a prompt's activations, an int8 layer's dequantized block) went back to the
+    system and was faulted in again on the next prompt. With the node's trim threshold it
+    stays. Run in a process of its own, whose allocator this may tune."""
+    code = """
+import psutil, torch
+from groove.node.main import set_mmap_threshold, set_trim_threshold
+set_mmap_threshold(32 << 20)
+p = psutil.Process()
+def returned():
+    t = torch.ones((16 << 20) // 4)
+    held = p.memory_info().rss
+    del t
+    return (held - p.memory_info().rss) >> 20
+before = returned()
+set_trim_threshold(64 << 20)
+print(before, returned(), returned())
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    before, after, again = map(int, proc.stdout.split())
+    assert before >= 12, "the block went back to the system without the trim threshold: the test's premise"
+    assert after <= 2 and again <= 2, (before, after, again)

@@ -66,8 +66,8 @@ def set_trim_threshold(nbytes: int) -> None:
     system and were faulted in again on the next call. A 64 MiB threshold keeps them in the
     heap: a 512-token prompt through 12 layers of Qwen2.5-0.5B and its LM head took 590
     instead of 840 ms in int8 and 555 instead of 630 ms in bfloat16 (32 MiB: 610 ms in
-    int8; 16 MiB: 785). The node's peak is unchanged (the memory was in use at that moment);
-    only what it holds between prompts can be up to that much higher."""
+    int8; 16 MiB: 785). A node holds up to that much more between prompts; the bfloat16
+    nodes' peaks did not change, the first int8 node's rose by about 40 MiB."""
     libc = _glibc()
     if libc is not None:
         libc.mallopt(-1, nbytes)  # M_TRIM_THRESHOLD
