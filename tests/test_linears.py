@@ -144,7 +144,23 @@ def test_int8_kernel_builds_and_gives_each_row_the_same_result_in_any_batch(k, n
     x = torch.randn(1, 32, k, dtype=torch.bfloat16)
     exact = x[0].double() @ (bf16.weight.double() * bf16.scales32.double()[:, None]).T + lin.bias.double()
     # Float32 sums of exact products, rounded once to bfloat16 (and the bias added there).
-    assert torch.allclose(bf16(x)[0].double(), exact, rtol=2e-2, atol=2e-2)
+    whole = bf16(x)[0]
+    assert torch.allclose(whole.double(), exact, rtol=2e-2, atol=2e-2)
+    # bfloat16 rows (vdpbf16ps where the CPU has it): a row's bits do not depend on its call.
+    # Rounding to bfloat16 hides a float32 sum's last bits, so the rows carry two large
+    # inputs whose products cancel (inputs 2 and 98 meet opposite weight columns): the small
+    # products summed between them are lost, and a change of summation order with the call
+    # size would change which.
+    rows_x = x.clone()
+    if k >= 128:
+        bf16 = Int8Linear(nn.Linear(k, n, bias=True).to(torch.bfloat16), torch.bfloat16)
+        bf16.weight[:, 98] = -bf16.weight[:, 2]
+        rows_x[..., 2] = rows_x[..., 98] = 2.0 ** 20
+        whole = bf16(rows_x)[0]
+    for rows in (1, 2, 3, 4, 5, 9, 31):
+        for start in range(0, 32 - rows + 1, rows):
+            got = bf16(rows_x[:, start : start + rows])
+            assert torch.equal(got, whole[start : start + rows].unsqueeze(0)), (rows, start)
     # In float32 every bit of the sums shows: a row's result must not depend on its call.
     q = Int8Linear(lin.float(), torch.float32)
     x = x.float()
