@@ -118,14 +118,19 @@ def test_int8_quantizes_in_row_blocks_exactly_like_all_at_once():
     assert torch.equal(q.weight, torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8))
 
 
+def _cpu_flags() -> str:
+    from pathlib import Path
+
+    cpuinfo = Path("/proc/cpuinfo")
+    return cpuinfo.read_text() if cpuinfo.is_file() else ""
+
+
 def _kernel_expected_here() -> bool:
     """A C compiler and an x86 CPU with AVX2 or AVX-512: the int8 kernel must build."""
     import platform
     import shutil
-    from pathlib import Path
 
-    cpuinfo = Path("/proc/cpuinfo")
-    flags = cpuinfo.read_text() if cpuinfo.is_file() else ""
+    flags = _cpu_flags()
     return (shutil.which("cc") is not None and platform.machine() == "x86_64"
             and (" avx512f" in flags or (" avx2" in flags and " fma" in flags)))
 
@@ -208,11 +213,8 @@ def test_int8_kernel_unbuildable_leaves_torchs_kernel(monkeypatch, tmp_path):
 
 def _bf16_kernel_expected_here() -> bool:
     """A C compiler, oneDNN, and an x86 CPU with AVX-512 BF16: the bfloat16 kernel must build."""
-    from pathlib import Path
-
-    cpuinfo = Path("/proc/cpuinfo")
-    return _kernel_expected_here() and " avx512_bf16" in (cpuinfo.read_text() if cpuinfo.is_file() else "") \
-        and packing_available(torch.device("cpu"), torch.bfloat16)
+    return (_kernel_expected_here() and " avx512_bf16" in _cpu_flags()
+            and packing_available(torch.device("cpu"), torch.bfloat16))
 
 
 def _summed_like_onednns_one_row_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -67,7 +67,7 @@ def _cpu_signature() -> str:
         return platform.processor()
 
 
-def build(name: str = "q8") -> Path | None:
+def build(name: str) -> Path | None:
     """The compiled library of kernel ``name``, built if needed; None where it cannot be
     built here."""
     compiler = shutil.which(os.environ.get("CC", "cc"))
@@ -95,7 +95,7 @@ def build(name: str = "q8") -> Path | None:
     return out
 
 
-def load(name: str = "q8"):
+def load(name: str):
     """Kernel ``name``'s entry point (a ctypes function), or None where it is unavailable."""
     kernel = KERNELS[name]
     if os.environ.get(kernel.switch, "1") == "0":

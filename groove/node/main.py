@@ -54,7 +54,9 @@ def set_mmap_threshold(nbytes: int) -> None:
     slice left a node 240 MB larger (measured). While loading, a 1 MiB threshold keeps every
     weight-sized block mapped on its own, so it is returned when freed; afterwards a 32 MiB
     threshold lets activations reuse heap memory instead of faulting in fresh pages (a 1 MiB
-    threshold made a 512-token prefill 10% slower)."""
+    threshold made a 512-token prefill 10% slower). Setting it freezes the trim threshold
+    too, which ``set_trim_threshold`` then raises: without that, freed activations still go
+    back to the system."""
     libc = _glibc()
     if libc is not None:
         libc.mallopt(-3, nbytes)  # M_MMAP_THRESHOLD
