@@ -3,12 +3,14 @@ loaded with ctypes:
 
 - ``q8.c``: int8 weights times bfloat16 or float32 rows (``--quantize int8``);
 - ``bf16.c``: bfloat16 weights, read in place from oneDNN's packed buffer, summed in the
-  order oneDNN's own one-row kernel sums them (the packed bfloat16 path's decode calls).
+  order oneDNN's own one-row kernel sums them (the packed bfloat16 path's decode calls);
+- ``attend.c``: a bfloat16 decode step's attention, rounded as torch's CPU flash attention
+  rounds it (``attention.exact_decode``).
 
-Both are optional. Compiling needs a C compiler with OpenMP (``cc``, or ``$CC``) and an x86
-CPU with AVX2 or AVX-512 (``bf16.c``: AVX-512 with the BF16 extension). Where any of that is
-missing, or ``GROOVE_INT8_KERNEL=0`` / ``GROOVE_BF16_KERNEL=0`` is set, a node keeps torch's
-kernels. Each library is built once per source, compiler and CPU, under the user's cache
+All are optional. Compiling needs a C compiler with OpenMP (``cc``, or ``$CC``) and an x86
+CPU with AVX2 or AVX-512 (``bf16.c``: AVX-512 with the BF16 extension; ``attend.c``:
+AVX-512). Where any of that is missing, or ``GROOVE_INT8_KERNEL=0`` / ``GROOVE_BF16_KERNEL=0``
+/ ``GROOVE_ATTEND_KERNEL=0`` is set, a node keeps torch's kernels. Each library is built once per source, compiler and CPU, under the user's cache
 directory, in well under a second.
 
 The kernels run their OpenMP loops in torch's own OpenMP runtime (torch loads
@@ -45,12 +47,15 @@ class Kernel:
     symbol: str
     argtypes: tuple
     switch: str  # the environment variable that turns it off with "0"
+    restype: object = None
 
 
 _P, _L = ctypes.c_void_p, ctypes.c_long
 KERNELS = {
     "q8": Kernel("q8.c", "q8_linear", (_P,) * 5 + (_L,) * 3 + (ctypes.c_int, _P), "GROOVE_INT8_KERNEL"),
     "bf16": Kernel("bf16.c", "bf16_linear", (_P,) * 4 + (_L,) * 3, "GROOVE_BF16_KERNEL"),
+    "attend": Kernel("attend.c", "attend_bf16", (_P,) * 4 + (_L,) * 9 + (ctypes.c_float,), "GROOVE_ATTEND_KERNEL",
+                     ctypes.c_int),
 }
 
 _lock = threading.Lock()
@@ -108,7 +113,7 @@ def load(name: str):
                 try:
                     fn = getattr(ctypes.CDLL(str(path)), kernel.symbol)
                     fn.argtypes = list(kernel.argtypes)
-                    fn.restype = None
+                    fn.restype = kernel.restype
                 except (OSError, AttributeError) as exc:
                     log.info("%s kernel not loaded (%s): using torch's", name, exc)
                     fn = None
@@ -184,3 +189,22 @@ def bf16_linear(fn, x: torch.Tensor, address: int, out_features: int, bias: torc
     y = torch.empty(m, out_features, dtype=torch.bfloat16)
     fn(x.data_ptr(), address, None if bias is None else bias.data_ptr(), y.data_ptr(), m, out_features, k)
     return y
+
+
+ATTEND_MAX_DIM = 256  # attend.c's largest head
+
+
+def attend(fn, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor | None:
+    """One query token's attention: ``query`` [1, heads, 1, dim], ``key``/``value``
+    [1, kv_heads, keys, dim], all bfloat16 with unit stride along ``dim``; the output is
+    [1, 1, heads, dim], laid out as transformers' attention functions return it. None for
+    a shape ``attend.c`` does not take."""
+    _, heads, _, dim = query.shape
+    kv_heads, keys = key.shape[1], key.shape[2]
+    if (dim % 4 or dim > ATTEND_MAX_DIM or keys < 1 or heads % kv_heads or value.shape != key.shape
+            or query.stride(3) != 1 or key.stride(3) != 1 or value.stride(3) != 1):
+        return None
+    out = torch.empty(1, 1, heads, dim, dtype=torch.bfloat16)
+    rc = fn(query.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(), heads, kv_heads, dim, keys,
+            query.stride(1), key.stride(1), key.stride(2), value.stride(1), value.stride(2), scale)
+    return out if rc == 0 else None
