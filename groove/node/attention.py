@@ -45,6 +45,7 @@ def packed_gqa_attention(module, query, key, value, attention_mask, dropout=0.0,
 # Key counts the check runs: one, within the first 16-lane block, its tail, one full
 # 512-key block of torch's kernel and past it (where later blocks rescale earlier ones).
 CHECK_KEYS = (1, 7, 16, 37, 100, 512, 515, 1100)
+BIG = 2.0 ** 25  # 1 + BIG rounds back to BIG in float32: a 1 survives only if added after BIG and -BIG cancel
 _checked: dict[tuple, object] = {}
 _check_lock = threading.Lock()
 
@@ -64,16 +65,42 @@ def decode_kernel(heads: int, kv_heads: int, dim: int, scale: float):
         return _checked[key]
 
 
+def check_inputs(heads: int, kv_heads: int, dim: int, scale: float, gen: torch.Generator):
+    """(q, k, v, scale) that show a kernel's rounding through its bfloat16 output.
+
+    Random data alone would rarely show a different order of summation (it moves a float32
+    sum by an ulp or so, which the final rounding mostly hides), so most inputs are built
+    to make it show: in q . k, each key's row holds BIG, -BIG and 1 at three dimensions
+    (q all ones), so its score is 1 or 0 by the order of its sum; in p . v (q = 0, so every
+    probability is 1), each dimension of v holds BIG, -BIG and 1 at three keys."""
+    room = max(CHECK_KEYS) + 64  # keys and values as the cache holds them: views into a longer buffer
+
+    def triples(n: int, count: int) -> torch.Tensor:
+        picks = torch.stack([torch.randperm(n, generator=gen)[:3] for _ in range(count)])
+        out = torch.zeros(count, n)
+        out.scatter_(1, picks, torch.tensor([BIG, -BIG, 1.0]).expand(count, 3))
+        return out
+
+    for keys in CHECK_KEYS:
+        q = torch.randn(1, heads, 1, dim, generator=gen).mul(3).bfloat16()
+        k = torch.randn(1, kv_heads, room, dim, generator=gen).mul(3).bfloat16()[:, :, :keys]
+        v = torch.randn(1, kv_heads, room, dim, generator=gen).bfloat16()[:, :, :keys]
+        yield q, k, v, scale
+        if keys >= 3:
+            v = torch.stack([triples(keys, dim).T for _ in range(kv_heads)])[None].bfloat16()
+            yield torch.zeros(1, heads, 1, dim, dtype=torch.bfloat16), torch.zeros_like(v), v, 1.0
+    if dim >= 3:
+        k = torch.stack([triples(dim, dim) for _ in range(kv_heads)])[None].bfloat16()
+        v = torch.eye(dim).expand(1, kv_heads, dim, dim).bfloat16()
+        yield torch.ones(1, heads, 1, dim, dtype=torch.bfloat16), k, v, 1.0
+
+
 def _same_as_sdpa(fn, heads: int, kv_heads: int, dim: int, scale: float) -> bool:
     gen = torch.Generator().manual_seed(0)
-    room = max(CHECK_KEYS) + 64  # keys and values as the cache holds them: views into a longer buffer
     with torch.inference_mode():
-        for keys in CHECK_KEYS:
-            q = torch.randn(1, heads, 1, dim, generator=gen).mul(3).bfloat16()
-            k = torch.randn(1, kv_heads, room, dim, generator=gen).mul(3).bfloat16()[:, :, :keys]
-            v = torch.randn(1, kv_heads, room, dim, generator=gen).bfloat16()[:, :, :keys]
-            want = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=heads != kv_heads).transpose(1, 2)
-            got = cpu_kernels.attend(fn, q, k, v, scale)
+        for q, k, v, s in check_inputs(heads, kv_heads, dim, scale, gen):
+            want = F.scaled_dot_product_attention(q, k, v, scale=s, enable_gqa=heads != kv_heads).transpose(1, 2)
+            got = cpu_kernels.attend(fn, q, k, v, s)
             if got is None or not torch.equal(got, want):
                 return False
     return True
@@ -86,9 +113,12 @@ def exact_decode(module, query, key, value, attention_mask, dropout=0.0, scaling
     Qwen2.5-0.5B at 512 cached tokens, against 0.08 ms here)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    # With one query head on more than one thread, torch runs its only head outside its
+    # parallel region, and MKL then splits each sum across threads: another order.
     if (query.shape[0] == 1 and query.shape[2] == 1 and attention_mask is None and not dropout
             and query.dtype == key.dtype == value.dtype == torch.bfloat16 and query.device.type == "cpu"
-            and kwargs.get("softcap") is None and kwargs.get("position_bias") is None):
+            and kwargs.get("softcap") is None and kwargs.get("position_bias") is None
+            and (query.shape[1] > 1 or torch.get_num_threads() == 1)):
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         fn = decode_kernel(query.shape[1], key.shape[1], query.shape[-1], scale)
         if fn is not None:
