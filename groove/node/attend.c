@@ -13,8 +13,10 @@
  * - p . v: groups of four keys, (p0 v0 + p2 v2) + (p1 v1 + p3 v3), added to the running
  *   sum in turn (which starts from the earlier blocks' rescaled sum); the last keys that do
  *   not fill a group are added one at a time, last key first;
- * - the exp sum: 16 lanes, keys i = 16t + l summed in lane l, the lanes folded by halves
- *   (8, 4, 2, 1), then the tail keys one at a time.
+ * - the exp sum: two sets of 16 lanes, taking the keys' vectors of 16 in turn (key
+ *   i = 16t + l goes to lane l of set t mod 2), the sets added, the lanes folded by halves
+ *   (8, 4, 2, 1), then the tail keys one at a time;
+ * - across blocks: sum = fma(rescale, sum, block sum).
  *
  * The node checks this against torch's own attention before it uses it (attention.py), so a
  * CPU or library version that rounds otherwise keeps torch's kernel.
@@ -75,8 +77,8 @@ static inline float fold(__m512 v) {  /* ATen's vec_reduce_all for 16 floats */
     return _mm512_cvtss_f32(v);
 }
 
-static void head(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out, long dim, long keys,
-                 long k_row, long v_row, float scale) {
+static void head(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out, float *lse, long dim,
+                 long keys, long k_row, long v_row, float scale) {
     float qf[MAX_DIM], acc[MAX_DIM], scores[BLOCK];
     uint16_t p[BLOCK];
     for (long d = 0; d < dim; d++) qf[d] = bf16_to_float(q[d]);
@@ -94,14 +96,14 @@ static void head(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16
             block_max = score > block_max ? score : block_max;
         }
         float new_max = max > block_max ? max : block_max;
-        __m512 lanes = _mm512_setzero_ps(), vmax = _mm512_set1_ps(new_max);
+        __m512 lanes[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()}, vmax = _mm512_set1_ps(new_max);
         long vec_end = size - size % 16, j = 0;
-        for (; j < vec_end; j += 16) {
+        for (int set = 0; j < vec_end; j += 16, set ^= 1) {
             __m512 e = fexp_u20(_mm512_sub_ps(_mm512_loadu_ps(scores + j), vmax));
-            lanes = _mm512_add_ps(lanes, e);
+            lanes[set] = _mm512_add_ps(lanes[set], e);
             for (int l = 0; l < 16; l++) p[j + l] = float_to_bf16(e[l]);
         }
-        float block_sum = fold(lanes);
+        float block_sum = fold(_mm512_add_ps(lanes[0], lanes[1]));
         for (; j < size; j++) {
             float e = expf(scores[j] - new_max);
             block_sum += e;
@@ -131,20 +133,24 @@ static void head(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16
             for (long d = 0; d < dim; d++) acc[d] += pj * bf16_to_float(rj[d]);
         }
     }
+    if (lse) *lse = max + logf(sum);
     float inv = 1.f / sum;
     for (long d = 0; d < dim; d++) out[d] = float_to_bf16(acc[d] * inv);
 }
 
 /* q [heads][dim] (rows q_head apart), k and v [kv_heads][keys][dim] (heads and rows at the
- * given strides, in elements), out [heads][dim] contiguous. Query head h reads key/value
- * head h / (heads / kv_heads). Returns 0, or -1 for a shape it does not take. */
-int attend_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out, long heads, long kv_heads,
-                long dim, long keys, long q_head, long k_head, long k_row, long v_head, long v_row, float scale) {
+ * given strides, in elements), out [heads][dim] contiguous; lse, where not NULL, [heads]:
+ * each head's log-sum-exp, as torch's kernel also returns it (the tests compare it: it shows
+ * an exp sum's rounding that the bfloat16 output mostly hides). Query head h reads
+ * key/value head h / (heads / kv_heads). Returns 0, or -1 for a shape it does not take. */
+int attend_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out, float *lse, long heads,
+                long kv_heads, long dim, long keys, long q_head, long k_head, long k_row, long v_head, long v_row,
+                float scale) {
     if (dim > MAX_DIM || dim % 4 || keys < 1 || kv_heads < 1 || heads % kv_heads) return -1;
     long group = heads / kv_heads;
 #pragma omp parallel for schedule(static)
     for (long h = 0; h < heads; h++)
-        head(q + h * q_head, k + (h / group) * k_head, v + (h / group) * v_head, out + h * dim, dim, keys, k_row, v_row,
-             scale);
+        head(q + h * q_head, k + (h / group) * k_head, v + (h / group) * v_head, out + h * dim, lse ? lse + h : NULL,
+             dim, keys, k_row, v_row, scale);
     return 0;
 }

@@ -95,13 +95,26 @@ def check_inputs(heads: int, kv_heads: int, dim: int, scale: float, gen: torch.G
         yield torch.ones(1, heads, 1, dim, dtype=torch.bfloat16), k, v, 1.0
 
 
+def torch_log_sum_exp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor | None:
+    """Each head's log-sum-exp from torch's CPU flash attention (the kernel SDPA runs here),
+    or None where torch does not expose it. It shows an exp sum's rounding, which the
+    bfloat16 output mostly hides."""
+    try:
+        _, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=None, scale=scale)
+    except (AttributeError, RuntimeError):
+        return None
+    return lse.reshape(-1)
+
+
 def _same_as_sdpa(fn, heads: int, kv_heads: int, dim: int, scale: float) -> bool:
     gen = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         for q, k, v, s in check_inputs(heads, kv_heads, dim, scale, gen):
             want = F.scaled_dot_product_attention(q, k, v, scale=s, enable_gqa=heads != kv_heads).transpose(1, 2)
-            got = cpu_kernels.attend(fn, q, k, v, s)
-            if got is None or not torch.equal(got, want):
+            want_lse = torch_log_sum_exp(q, k, v, s)
+            lse = torch.empty(heads)
+            got = cpu_kernels.attend(fn, q, k, v, s, lse)
+            if got is None or not torch.equal(got, want) or (want_lse is not None and not torch.equal(lse, want_lse)):
                 return False
     return True
 
