@@ -106,6 +106,15 @@ def torch_log_sum_exp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     return lse.reshape(-1)
 
 
+def prepare_decode(module, config) -> None:
+    """Run ``decode_kernel``'s check for a layer's head layout ahead of the first step."""
+    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    scale = getattr(module, "scaling", None)
+    if scale is not None and heads > 1:
+        decode_kernel(heads, kv_heads, dim, scale)
+
+
 def _same_as_sdpa(fn, heads: int, kv_heads: int, dim: int, scale: float) -> bool:
     gen = torch.Generator().manual_seed(0)
     with torch.inference_mode():

@@ -76,6 +76,8 @@ class Shard:
         self.body = loaded.model.model
         self.layers = list(self.body.layers[: loaded.config.num_hidden_layers])
         self.inner_attention = attention.use_batched(loaded.model.config)
+        if self.inner_attention == "sdpa" and self.layers and loaded.dtype == torch.bfloat16 and loaded.device.type == "cpu":
+            attention.prepare_decode(self.layers[0].self_attn, loaded.config)  # its check runs now, not in the first step
         self.exact = batch_exact
         # The head sees a row per piece that wants logits (and its guesses): it is probed up
         # to the node's batch size (``--max-batch``), not a prompt's, and its calls are
