@@ -1,12 +1,12 @@
 /* One decode step of grouped-query attention in bfloat16, rounded as torch's CPU flash
  * attention rounds it (SDPA's kernel for one query token with no mask on an AVX-512 CPU).
  *
- * torch computes each head in blocks of 512 keys: q . k through MKL's bf16 gemm, scale, max,
- * exp (ATen's fast Vectorized<float>::fexp_u20, 16 lanes at a time, the rest with expf),
- * the probabilities rounded to bfloat16, then p . v through MKL's gemm
- * again; blocks after the first rescale what came before. On this path MKL's one-column
- * gemm costs far more than the arithmetic (about 0.4 ms a layer for Qwen2.5-0.5B at 512
- * cached tokens). This file does the same arithmetic in the same order:
+ * torch computes each head in blocks of 512 keys: q . k through MKL's bf16 gemm, scale,
+ * max, exp (ATen's fast Vectorized<float>::fexp_u20, 16 lanes at a time, the rest with
+ * expf), the probabilities rounded to bfloat16, then p . v through MKL's gemm again; blocks
+ * after the first rescale what came before. On this path MKL's one-column gemm costs far
+ * more than the arithmetic (about 0.4 ms a layer for Qwen2.5-0.5B at 512 cached tokens).
+ * This file does the same arithmetic in the same order:
  *
  * - q . k: four running sums, over the dimensions d = 4t + r for r = 0..3, then
  *   (s0 + s2) + (s1 + s3);
@@ -18,8 +18,9 @@
  *   (8, 4, 2, 1), then the tail keys one at a time;
  * - across blocks: sum = fma(rescale, sum, block sum).
  *
- * The node checks this against torch's own attention before it uses it (attention.py), so a
- * CPU or library version that rounds otherwise keeps torch's kernel.
+ * The node checks this against torch's own attention (outputs and log-sum-exps) before it
+ * uses it (attention.py), so a CPU or library version that rounds otherwise keeps torch's
+ * kernel.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -140,8 +141,8 @@ static void head(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16
 
 /* q [heads][dim] (rows q_head apart), k and v [kv_heads][keys][dim] (heads and rows at the
  * given strides, in elements), out [heads][dim] contiguous; lse, where not NULL, [heads]:
- * each head's log-sum-exp, as torch's kernel also returns it (the tests compare it: it shows
- * an exp sum's rounding that the bfloat16 output mostly hides). Query head h reads
+ * each head's log-sum-exp, as torch's kernel also returns it (the node's check and the tests
+ * compare it: it shows an exp sum's rounding that the bfloat16 output mostly hides). Query head h reads
  * key/value head h / (heads / kv_heads). Returns 0, or -1 for a shape it does not take. */
 int attend_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out, float *lse, long heads,
                 long kv_heads, long dim, long keys, long q_head, long k_head, long k_row, long v_head, long v_row,

@@ -51,9 +51,9 @@ _check_lock = threading.Lock()
 
 
 def decode_kernel(heads: int, kv_heads: int, dim: int, scale: float):
-    """``attend.c`` for this head layout and scale, once it has given torch's SDPA output bit
-    for bit on random data at every count in ``CHECK_KEYS``; None where it is unavailable or
-    differs (another CPU, MKL or torch may round otherwise)."""
+    """``attend.c`` for this head layout and scale, once its outputs and log-sum-exps have
+    equalled torch's bit for bit on every input of ``check_inputs``; None where it is
+    unavailable or differs (another CPU, MKL or torch may round otherwise)."""
     key = (heads, kv_heads, dim, scale)
     with _check_lock:
         if key not in _checked:
@@ -101,7 +101,7 @@ def torch_log_sum_exp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     bfloat16 output mostly hides."""
     try:
         _, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=None, scale=scale)
-    except (AttributeError, RuntimeError):
+    except (AttributeError, RuntimeError, TypeError):
         return None
     return lse.reshape(-1)
 

@@ -10,8 +10,8 @@ loaded with ctypes:
 All are optional. Compiling needs a C compiler with OpenMP (``cc``, or ``$CC``) and an x86
 CPU with AVX2 or AVX-512 (``bf16.c``: AVX-512 with the BF16 extension; ``attend.c``:
 AVX-512). Where any of that is missing, or ``GROOVE_INT8_KERNEL=0`` / ``GROOVE_BF16_KERNEL=0``
-/ ``GROOVE_ATTEND_KERNEL=0`` is set, a node keeps torch's kernels. Each library is built once per source, compiler and CPU, under the user's cache
-directory, in well under a second.
+/ ``GROOVE_ATTEND_KERNEL=0`` is set, a node keeps torch's kernels. Each library is built once
+per source, compiler and CPU, under the user's cache directory, in well under a second.
 
 The kernels run their OpenMP loops in torch's own OpenMP runtime (torch loads
 ``libgomp.so.1`` first, and the libraries link the same name), so they use the threads torch
@@ -208,6 +208,6 @@ def attend(fn, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scal
         return None
     out = torch.empty(1, 1, heads, dim, dtype=torch.bfloat16)
     rc = fn(query.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(), None if lse is None else lse.data_ptr(),
-            heads, kv_heads, dim, keys,
-            query.stride(1), key.stride(1), key.stride(2), value.stride(1), value.stride(2), scale)
+            heads, kv_heads, dim, keys, query.stride(1), key.stride(1), key.stride(2), value.stride(1), value.stride(2),
+            scale)
     return out if rc == 0 else None
