@@ -1,5 +1,6 @@
 """attend.c: a bfloat16 decode step's attention, held to torch's own SDPA bit for bit."""
 
+import os
 import platform
 import random
 import shutil
@@ -12,15 +13,31 @@ import torch.nn.functional as F
 from groove.node import attention, cpu_kernels
 
 
+def _cpuinfo() -> str:
+    path = Path("/proc/cpuinfo")
+    return path.read_text() if path.is_file() else ""
+
+
 def _attend_expected_here() -> bool:
-    """A C compiler and an x86 CPU with AVX-512: attend.c must build, and on such a CPU the
-    check against SDPA is what decides whether a node uses it."""
-    cpuinfo = Path("/proc/cpuinfo")
-    flags = cpuinfo.read_text() if cpuinfo.is_file() else ""
-    return shutil.which("cc") is not None and platform.machine() == "x86_64" and " avx512f" in flags
+    """A C compiler and an x86 CPU with AVX-512 (and no ``GROOVE_ATTEND_KERNEL=0``): attend.c
+    must build."""
+    return (shutil.which("cc") is not None and platform.machine() == "x86_64" and " avx512f" in _cpuinfo()
+            and os.environ.get("GROOVE_ATTEND_KERNEL", "1") != "0")
 
 
 needs_attend = pytest.mark.skipif(not _attend_expected_here(), reason="no C compiler or no AVX-512 here")
+
+
+def _kernel_held_to_torch():
+    """attend.c, where the tests hold it to torch bit for bit. Its orders were probed on an
+    AMD CPU with AVX-512, where MKL takes its generic AVX-512 paths: there it must equal
+    torch. On an Intel CPU MKL may take other paths (AMX, say); there the node's own check
+    decides, and the tests hold the kernel to torch only where that check lets it in."""
+    fn = cpu_kernels.load("attend")
+    assert fn is not None, "attend.c did not build on an AVX-512 CPU with a C compiler"
+    if "AuthenticAMD" not in _cpuinfo() and attention.decode_kernel(14, 2, 64, 0.125) is None:
+        pytest.skip("torch's attention sums otherwise on this CPU: nodes keep torch's kernel here")
+    return fn
 
 
 def _sdpa(q, k, v, scale):
@@ -39,14 +56,13 @@ def test_attend_kernel_gives_sdpas_bits_across_head_layouts_and_lengths():
     """Random head sizes, groupings, magnitudes and key counts: inside the first 16-lane
     block, across the 512-key blocks torch splits into (where later blocks rescale earlier
     ones), and with the keys as views into a longer cache buffer."""
-    fn = cpu_kernels.load("attend")
-    assert fn is not None, "attend.c did not build on an AVX-512 CPU with a C compiler"
+    fn = _kernel_held_to_torch()
     rng = random.Random(7)
     gen = torch.Generator().manual_seed(7)
     for _ in range(120):
         dim = rng.choice([16, 32, 64, 80, 128, 256])
         kv_heads = rng.choice([1, 2, 4])
-        heads = kv_heads * rng.choice([1, 2, 7])
+        heads = kv_heads * rng.choice([2, 7] if kv_heads == 1 else [1, 2, 7])  # one head alone is left to torch
         keys = rng.choice([rng.randint(1, 40), rng.randint(1, 1600)])
         spread = rng.choice([0.3, 1.0, 4.0, 12.0])
         q = torch.randn(1, heads, 1, dim, generator=gen).mul(spread).bfloat16()
@@ -75,8 +91,7 @@ def test_attend_kernel_sums_in_torchs_order():
     Two query heads share each key/value head: torch computes a single head outside its
     parallel region, where MKL splits the sums across threads (``exact_decode`` leaves
     that case to torch)."""
-    fn = cpu_kernels.load("attend")
-    assert fn is not None
+    fn = _kernel_held_to_torch()
     rng = random.Random(3)
     dim = 64
     for _ in range(10):  # q . k
@@ -162,11 +177,10 @@ def test_the_attend_switch_turns_the_kernel_off(monkeypatch):
     assert attention.decode_kernel(4, 2, 16, 0.25) is None
 
 
-@needs_attend
 def test_a_bfloat16_shard_decodes_past_512_keys_with_transformers_logits(model_paths, monkeypatch):
     """A whole model in one shard against transformers' own forward with its own cache: a
-    530-token prompt, then decode steps (through attend.c) past torch's 512-key block, every
-    logit bit for bit."""
+    530-token prompt, then decode steps past torch's 512-key block, every logit bit for bit,
+    through attend.c where it is held to torch (through torch's kernel elsewhere)."""
     from transformers import DynamicCache
 
     from groove.models import checkpoint
@@ -183,7 +197,10 @@ def test_a_bfloat16_shard_decodes_past_512_keys_with_transformers_logits(model_p
     config = shard.s.config
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    assert attention._checked.get((heads, kv_heads, dim, dim ** -0.5)) is not None  # checked when the shard was built
+    key = (heads, kv_heads, dim, dim ** -0.5)
+    assert key in attention._checked  # checked when the shard was built
+    used = _attend_expected_here() and ("AuthenticAMD" in _cpuinfo() or attention.decode_kernel(14, 2, 64, 0.125) is not None)
+    assert (attention._checked[key] is not None) == used
     model = _reference_model(str(path), "bfloat16")
     calls = []
     real = cpu_kernels.attend
@@ -200,4 +217,4 @@ def test_a_bfloat16_shard_decodes_past_512_keys_with_transformers_logits(model_p
             want = model(torch.tensor([[token]]), cache=cache, use_cache=True).logits[0, -1].float()
             assert torch.equal(shard.step(state, position, tokens=[token]), want), i
             position += 1
-    assert len(calls) == 40 * ckpt.num_layers  # every decode step of every layer went through attend.c
+    assert len(calls) == (40 * ckpt.num_layers if used else 0)  # every decode step of every layer, where it is used
