@@ -78,6 +78,26 @@ static inline float fold(__m512 v) {  /* ATen's vec_reduce_all for 16 floats */
     return _mm512_cvtss_f32(v);
 }
 
+/* q . k for four keys at once: lane 4i + r holds key i's running sum over the dimensions
+ * d = 4t + r (each product is exact, so a fused multiply-add rounds as the add alone), then
+ * each 128-bit lane folds to (s0 + s2) + (s1 + s3). */
+static inline void scores4(const uint16_t *k, long k_row, const float *qf, long dim, float scale, float *out) {
+    __m512 acc = _mm512_setzero_ps();
+    for (long d = 0; d < dim; d += 4) {
+        long long r[4];
+        for (int i = 0; i < 4; i++) memcpy(&r[i], k + i * k_row + d, 8);
+        __m256i raw = _mm256_set_epi64x(r[3], r[2], r[1], r[0]);
+        __m512 kv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+        acc = _mm512_fmadd_ps(kv, _mm512_broadcast_f32x4(_mm_loadu_ps(qf + d)), acc);
+    }
+    __m512 t = _mm512_add_ps(acc, _mm512_permute_ps(acc, 0x4E));
+    t = _mm512_mul_ps(_mm512_add_ps(t, _mm512_permute_ps(t, 0xB1)), _mm512_set1_ps(scale));
+    out[0] = t[0];
+    out[1] = t[4];
+    out[2] = t[8];
+    out[3] = t[12];
+}
+
 static void head(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out, float *lse, long dim,
                  long keys, long k_row, long v_row, float scale) {
     float qf[MAX_DIM], acc[MAX_DIM], scores[BLOCK];
@@ -87,7 +107,12 @@ static void head(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16
     for (long n0 = 0; n0 < keys; n0 += BLOCK) {
         long size = keys - n0 < BLOCK ? keys - n0 : BLOCK;
         float block_max = -INFINITY;
-        for (long j = 0; j < size; j++) {
+        long j4 = size - size % 4;
+        for (long j = 0; j < j4; j += 4) {
+            scores4(k + (n0 + j) * k_row, k_row, qf, dim, scale, scores + j);
+            for (int i = 0; i < 4; i++) block_max = scores[j + i] > block_max ? scores[j + i] : block_max;
+        }
+        for (long j = j4; j < size; j++) {
             const uint16_t *row = k + (n0 + j) * k_row;
             float s[4] = {0.f, 0.f, 0.f, 0.f};
             for (long d = 0; d < dim; d += 4)
