@@ -115,3 +115,18 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.1):
         if time.monotonic() > deadline:
             return value
         time.sleep(interval)
+
+
+def cpu_info() -> str:
+    """/proc/cpuinfo (vendor, flags), or "" where there is none: what the kernel tests ask
+    of the CPU."""
+    path = Path("/proc/cpuinfo")
+    return path.read_text() if path.is_file() else ""
+
+
+def c_compiler_on_x86() -> bool:
+    """Where groove's C kernels can be built at all: a C compiler on x86-64."""
+    import platform
+    import shutil
+
+    return shutil.which("cc") is not None and platform.machine() == "x86_64"

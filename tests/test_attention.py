@@ -1,41 +1,40 @@
 """attend.c: a bfloat16 decode step's attention, held to torch's own SDPA bit for bit."""
 
 import os
-import platform
 import random
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from groove.node import attention, cpu_kernels
+from groove.node.attention import BIG
 
-
-def _cpuinfo() -> str:
-    path = Path("/proc/cpuinfo")
-    return path.read_text() if path.is_file() else ""
+from .conftest import c_compiler_on_x86, cpu_info
 
 
 def _attend_expected_here() -> bool:
     """A C compiler and an x86 CPU with AVX-512 (and no ``GROOVE_ATTEND_KERNEL=0``): attend.c
     must build."""
-    return (shutil.which("cc") is not None and platform.machine() == "x86_64" and " avx512f" in _cpuinfo()
-            and os.environ.get("GROOVE_ATTEND_KERNEL", "1") != "0")
+    return c_compiler_on_x86() and " avx512f" in cpu_info() and os.environ.get("GROOVE_ATTEND_KERNEL", "1") != "0"
+
+
+def _held_to_torch_here() -> bool:
+    """Whether the tests hold attend.c to torch bit for bit here. Its orders were probed on
+    an AMD CPU with AVX-512, where MKL takes its generic AVX-512 paths: there it must equal
+    torch. On an Intel CPU MKL may take other paths (AMX, say); there the node's own check
+    decides, and the tests hold the kernel to torch only where that check lets it in."""
+    return _attend_expected_here() and ("AuthenticAMD" in cpu_info() or attention.decode_kernel(14, 2, 64, 0.125) is not None)
 
 
 needs_attend = pytest.mark.skipif(not _attend_expected_here(), reason="no C compiler or no AVX-512 here")
 
 
 def _kernel_held_to_torch():
-    """attend.c, where the tests hold it to torch bit for bit. Its orders were probed on an
-    AMD CPU with AVX-512, where MKL takes its generic AVX-512 paths: there it must equal
-    torch. On an Intel CPU MKL may take other paths (AMX, say); there the node's own check
-    decides, and the tests hold the kernel to torch only where that check lets it in."""
+    """attend.c, where ``_held_to_torch_here``."""
     fn = cpu_kernels.load("attend")
     assert fn is not None, "attend.c did not build on an AVX-512 CPU with a C compiler"
-    if "AuthenticAMD" not in _cpuinfo() and attention.decode_kernel(14, 2, 64, 0.125) is None:
+    if not _held_to_torch_here():
         pytest.skip("torch's attention sums otherwise on this CPU: nodes keep torch's kernel here")
     return fn
 
@@ -69,9 +68,6 @@ def test_attend_kernel_gives_sdpas_bits_across_head_layouts_and_lengths():
         k = torch.randn(1, kv_heads, keys + 50, dim, generator=gen).mul(spread).bfloat16()[:, :, :keys]
         v = torch.randn(1, kv_heads, keys + 50, dim, generator=gen).bfloat16()[:, :, :keys]
         assert _same(fn, q, k, v, dim ** -0.5), (dim, heads, kv_heads, keys, spread)
-
-
-BIG = 2.0 ** 25  # 1 + BIG rounds back to BIG in float32: a 1 survives only if added after BIG and -BIG cancel
 
 
 @needs_attend
@@ -199,7 +195,7 @@ def test_a_bfloat16_shard_decodes_past_512_keys_with_transformers_logits(model_p
     dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     key = (heads, kv_heads, dim, dim ** -0.5)
     assert key in attention._checked  # checked when the shard was built
-    used = _attend_expected_here() and ("AuthenticAMD" in _cpuinfo() or attention.decode_kernel(14, 2, 64, 0.125) is not None)
+    used = _held_to_torch_here()
     assert (attention._checked[key] is not None) == used
     model = _reference_model(str(path), "bfloat16")
     calls = []

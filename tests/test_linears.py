@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from groove.node import linears
+
+from .conftest import c_compiler_on_x86, cpu_info
 from groove.node.linears import (
     Int8Linear,
     PackedLinear,
@@ -118,21 +120,10 @@ def test_int8_quantizes_in_row_blocks_exactly_like_all_at_once():
     assert torch.equal(q.weight, torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8))
 
 
-def _cpu_flags() -> str:
-    from pathlib import Path
-
-    cpuinfo = Path("/proc/cpuinfo")
-    return cpuinfo.read_text() if cpuinfo.is_file() else ""
-
-
 def _kernel_expected_here() -> bool:
     """A C compiler and an x86 CPU with AVX2 or AVX-512: the int8 kernel must build."""
-    import platform
-    import shutil
-
-    flags = _cpu_flags()
-    return (shutil.which("cc") is not None and platform.machine() == "x86_64"
-            and (" avx512f" in flags or (" avx2" in flags and " fma" in flags)))
+    flags = cpu_info()
+    return c_compiler_on_x86() and (" avx512f" in flags or (" avx2" in flags and " fma" in flags))
 
 
 @pytest.mark.skipif(not _kernel_expected_here(), reason="no C compiler or no AVX2/AVX-512 here")
@@ -213,7 +204,7 @@ def test_int8_kernel_unbuildable_leaves_torchs_kernel(monkeypatch, tmp_path):
 
 def _bf16_kernel_expected_here() -> bool:
     """A C compiler, oneDNN, and an x86 CPU with AVX-512 BF16: the bfloat16 kernel must build."""
-    return (_kernel_expected_here() and " avx512_bf16" in _cpu_flags()
+    return (_kernel_expected_here() and " avx512_bf16" in cpu_info()
             and packing_available(torch.device("cpu"), torch.bfloat16))
 
 

@@ -191,20 +191,16 @@ def bf16_linear(fn, x: torch.Tensor, address: int, out_features: int, bias: torc
     return y
 
 
-ATTEND_MAX_DIM = 256  # attend.c's largest head
-
-
 def attend(fn, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
            lse: torch.Tensor | None = None) -> torch.Tensor | None:
     """One query token's attention: ``query`` [1, heads, 1, dim], ``key``/``value``
     [1, kv_heads, keys, dim], all bfloat16 with unit stride along ``dim``; the output is
     [1, 1, heads, dim], laid out as transformers' attention functions return it. None for
-    a shape ``attend.c`` does not take. Each head's log-sum-exp goes to ``lse`` (float32
-    [heads]) where one is given."""
+    a shape ``attend.c`` does not take (it refuses head sizes and groupings itself). Each
+    head's log-sum-exp goes to ``lse`` (float32 [heads]) where one is given."""
     _, heads, _, dim = query.shape
     kv_heads, keys = key.shape[1], key.shape[2]
-    if (dim % 4 or dim > ATTEND_MAX_DIM or keys < 1 or heads % kv_heads or value.shape != key.shape
-            or query.stride(3) != 1 or key.stride(3) != 1 or value.stride(3) != 1):
+    if value.shape != key.shape or query.stride(3) != 1 or key.stride(3) != 1 or value.stride(3) != 1:
         return None
     out = torch.empty(1, 1, heads, dim, dtype=torch.bfloat16)
     rc = fn(query.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(), None if lse is None else lse.data_ptr(),

@@ -354,9 +354,9 @@ class RowExact(nn.Module):
     call: it sums each row as a one-row call does. Else ``pad`` (from ``transposed_pad``)
     may offer a way round: runs of more than ``safe`` and at most ``pad`` single rows go
     in one transposed call, weight times rows, padded to ``pad`` rows, whose kernel the
-    probe found to sum each row like the one-row call. (On a CPU with AMX, oneDNN's one-row kernel for the
-    4864 -> 896 down projection rounds unlike every multi-row call, but like the
-    transposed product of 33-128 rows: one call instead of a call per row.)"""
+    probe found to sum each row like the one-row call. (On a CPU with AMX, oneDNN's one-row
+    kernel for the 4864 -> 896 down projection rounds unlike every multi-row call, but like
+    the transposed product of 33-128 rows: one call instead of a call per row.)"""
 
     def __init__(self, inner: nn.Module, safe: int = 1, pad: int | None = None):
         super().__init__()

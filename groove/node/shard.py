@@ -5,11 +5,12 @@ one. So the pieces (a decode token, or a chunk of a prompt, or the hidden states
 are laid end to end as one sequence ``[1, total, hidden]``: every linear layer, norm and
 MLP runs once over all of them, each token with its own session's position. Only attention
 is per piece, against that session's own KV cache (a transformers ``DynamicCache`` sized to
-the slice's layers, whose full-attention layers grow in place: ``kv_cache``), through ``attention.batched_attention``. A batch of one piece takes
-the same kernels with the same shapes as transformers' own forward, so a session alone
-gets transformers' results bit for bit; linear layers whose kernels round a one-row call
-differently (``linears.RowExact``) keep decode steps in one-row calls, so a session's
-results do not depend on what else is in its batch either.
+the slice's layers, whose full-attention layers grow in place: ``kv_cache``), through
+``attention.batched_attention``. A batch of one piece takes the same kernels with the same
+shapes as transformers' own forward, so a session alone gets transformers' results bit for
+bit; linear layers whose kernels round a one-row call differently (``linears.RowExact``)
+keep decode steps in one-row calls, so a session's results do not depend on what else is
+in its batch either.
 
 A speculative step (a token and the guesses after it) runs each of its rows as a decode
 step would: one-row calls in those linear layers and one attention call per row, against
