@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quantize", default="none", choices=["none", "int8"], help="int8: weight-only, per-channel scales")
     p.add_argument("--no-pack", action="store_true", help="keep plain nn.Linear (no prepacked bfloat16 weights on CPU)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="build and use none of groove's C kernels (bf16.c, q8.c, attend.c): torch's kernels only")
     p.add_argument("--fast-attention", action="store_true",
                    help="faster single-token attention for grouped-query models; rounds differently from transformers "
                         "(always on with --quantize int8)")

@@ -214,6 +214,36 @@ def test_bfloat16_packed_nodes_give_transformers_greedy_tokens(cluster_factory, 
         assert [s.token for s in steps] == reference_generate(path, prompt, 16, dtype="bfloat16")
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["default", "no-compile"])
+def test_a_node_reports_its_start_up_and_kernels(cluster_factory, model_paths, compiled):
+    """Each node prints its load in quarters of the slice's bytes, then which of groove's
+    compiled kernels serve it: attend.c exactly where this machine's check admits it, and
+    none at all with --no-compile, whose torch kernels still give transformers' tokens."""
+    import re
+
+    from groove.node import attention
+
+    path = model_paths["qwen2"]
+    cluster = cluster_factory(path, [(0, 1), (2, 3)], dtype="bfloat16", node_args=[] if compiled else ["--no-compile"])
+    config = json.loads((path / "config.json").read_text())
+    dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    admitted = attention.decode_kernel(config["num_attention_heads"], config["num_key_value_heads"], dim, dim**-0.5) is not None
+    for node, (first, last) in zip(cluster.nodes, [(0, 1), (2, 3)]):
+        out = "\n".join(node.lines)
+        assert f"loading layers {first}-{last} of qwen2 on cpu in bfloat16" in out
+        quarters = [int(q) for q in re.findall(r"^  (\d+)% of \d+ MB loaded, [\d.]+s$", out, re.M)]
+        assert quarters and quarters == sorted(set(quarters)) and quarters[-1] == 100, out
+        assert out.index("100% of") < out.index("checking kernels") < out.index("registered as")
+        registered = next(line for line in node.lines if line.startswith("registered as"))
+        if compiled:
+            assert ("attend.c" in registered) == admitted, registered
+        else:
+            assert registered.endswith("torch kernels only"), registered
+    prompt = PROMPTS[2]
+    steps = run_async(generate(cluster.address, "qwen2", prompt, 12))
+    assert [s.token for s in steps] == reference_generate(path, prompt, 12, dtype="bfloat16")
+
+
 def test_int8_nodes_stay_close_to_full_precision(cluster_factory, model_paths):
     path = model_paths["llama"]
     cluster = cluster_factory(path, [(0, 2), (3, 5)], node_args=["--quantize", "int8"])

@@ -108,13 +108,15 @@ def torch_log_sum_exp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     return lse.reshape(-1)
 
 
-def prepare_decode(module, config) -> None:
-    """Run ``decode_kernel``'s check for a layer's head layout ahead of the first step."""
+def prepare_decode(module, config):
+    """Run ``decode_kernel``'s check for a layer's head layout ahead of the first step;
+    the kernel its decode steps will take, or None for torch's."""
     heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     scale = getattr(module, "scaling", None)
     if scale is not None and heads > 1:
-        decode_kernel(heads, kv_heads, dim, scale)
+        return decode_kernel(heads, kv_heads, dim, scale)
+    return None
 
 
 def _same_as_sdpa(fn, heads: int, kv_heads: int, dim: int, scale: float) -> bool:

@@ -10,7 +10,8 @@ loaded with ctypes:
 All are optional. Compiling needs a C compiler with OpenMP (``cc``, or ``$CC``) and an x86
 CPU with AVX2 or AVX-512 (``bf16.c``: AVX-512 with the BF16 extension; ``attend.c``:
 AVX-512). Where any of that is missing, or ``GROOVE_INT8_KERNEL=0`` / ``GROOVE_BF16_KERNEL=0``
-/ ``GROOVE_ATTEND_KERNEL=0`` is set, a node keeps torch's kernels. Each library is built once
+/ ``GROOVE_ATTEND_KERNEL=0`` is set, or the node was started with ``--no-compile``
+(``disable``), a node keeps torch's kernels. Each library is built once
 per source, compiler and CPU, under the user's cache directory, in well under a second.
 
 The kernels run their OpenMP loops in torch's own OpenMP runtime (torch loads
@@ -60,6 +61,13 @@ KERNELS = {
 
 _lock = threading.Lock()
 _loaded: dict[str, object] = {}
+_disabled = False
+
+
+def disable() -> None:
+    """``--no-compile``: from now on no kernel is built or loaded; torch's serve."""
+    global _disabled
+    _disabled = True
 
 
 def _cpu_signature() -> str:
@@ -103,7 +111,7 @@ def build(name: str) -> Path | None:
 def load(name: str):
     """Kernel ``name``'s entry point (a ctypes function), or None where it is unavailable."""
     kernel = KERNELS[name]
-    if os.environ.get(kernel.switch, "1") == "0":
+    if _disabled or os.environ.get(kernel.switch, "1") == "0":
         return None
     with _lock:
         if name not in _loaded:

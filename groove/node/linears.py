@@ -480,6 +480,18 @@ def transposed_pad(linear: nn.Module, device, dtype, pads: tuple[int, ...] = TRA
     return None
 
 
+def kernels_in_use(model: nn.Module) -> list[str]:
+    """groove's compiled kernels among the model's linear layers: ``bf16.c`` where a packed
+    layer's one-row calls passed its checks with it, ``q8.c`` where an int8 layer has it."""
+    mods = list(model.modules())
+    found = []
+    if any(isinstance(m, PackedLinear) and m.alone_rows() for m in mods):
+        found.append("bf16.c")
+    if any(isinstance(m, Int8Linear) and m.kernel is not None for m in mods):
+        found.append("q8.c")
+    return found
+
+
 def make_row_exact(model: nn.Module, device, dtype, largest: dict[str, int] | None = None) -> list[str]:
     """Wrap every linear layer whose kind (class, shape, bias) rounds rows by call size in
     ``RowExact``, with the safe size the probe found on the kind's first layer (a kernel's

@@ -24,6 +24,7 @@ import mmap
 import struct
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -174,7 +175,10 @@ def map_tensor(f, offset: int, nbytes: int, dtype: torch.dtype, shape: list[int]
 
 
 def load_slice(ckpt: Checkpoint, first: int, last: int, device: torch.device, dtype: torch.dtype,
-               *, pack: bool = True, quantize: str = "none", fast_attention: bool = False) -> LoadedSlice:
+               *, pack: bool = True, quantize: str = "none", fast_attention: bool = False,
+               progress: Callable[[int, int], None] | None = None) -> LoadedSlice:
+    """``progress(done, total)``, where given, hears the checkpoint bytes read and converted
+    so far after each tensor."""
     from transformers import AutoModelForCausalLM
 
     from .linears import linear_converter
@@ -207,6 +211,7 @@ def load_slice(ckpt: Checkpoint, first: int, last: int, device: torch.device, dt
         name for name, locals_ in plan.items()
         if locals_ == ["model.embed_tokens.weight"] and device.type == "cpu" and _ST_DTYPES.get(ckpt.tensors[name].dtype) == dtype
     )
+    total, done = sum(ckpt.tensors[name].nbytes for name in plan), 0
     # Each tensor goes into its module as soon as it is read, and a linear layer is packed
     # or quantized as soon as its last tensor is in: only one original weight is ever held
     # beside its converted copy, so the peak stays one slice plus its largest tensor.
@@ -221,6 +226,9 @@ def load_slice(ckpt: Checkpoint, first: int, last: int, device: torch.device, dt
                     parent_name, _, child = module_name.rpartition(".")
                     setattr(model.get_submodule(parent_name) if parent_name else model, child, convert(module))
             del tensor
+            done += ckpt.tensors[name].nbytes
+            if progress is not None:
+                progress(done, total)
     # inv_freq is computed, not stored in checkpoints: build the rotary embedding for real.
     body.rotary_emb = type(body.rotary_emb)(config=config).to(device)
     left_on_meta = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]

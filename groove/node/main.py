@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import sys
+import time
 
 from ..models import checkpoint
 from ..models.architectures import check_supported
@@ -102,6 +103,22 @@ def release_free_memory() -> None:
         libc.malloc_trim(0)
 
 
+class LoadProgress:
+    """Start-up progress, one line per quarter of the slice's bytes: reading, packing or
+    quantizing a slice takes seconds here and minutes for a large model."""
+
+    def __init__(self, steps: int = 4):
+        self.steps, self.shown = steps, 0
+        self.t0 = time.perf_counter()
+
+    def __call__(self, done: int, total: int) -> None:
+        step = done * self.steps // max(total, 1)
+        if step > self.shown:
+            self.shown = step
+            print(f"  {100 * step // self.steps}% of {total / 1e6:.0f} MB loaded, {time.perf_counter() - self.t0:.1f}s",
+                  flush=True)
+
+
 def eos_ids(ref: checkpoint.ModelRef, config: dict) -> set[int]:
     """The ids that end a generation, as transformers' generate() would use them."""
     gen = checkpoint.hub_file(ref, "generation_config.json", required=False)
@@ -119,6 +136,10 @@ def run(args) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     bound_kernel_caches()
     set_mmap_threshold(1 << 20)
+    if args.no_compile:
+        from . import cpu_kernels
+
+        cpu_kernels.disable()
     try:
         ckpt = checkpoint.load(args.model, args.model_name)
         check_supported(ckpt.config)
@@ -133,13 +154,15 @@ def run(args) -> int:
             first, last = parse_layers(args.layers, ckpt.num_layers)
         from .worker import compute_thread
 
+        print(f"loading layers {first}-{last} of {ckpt.ref.name} on {device} in {str(dtype).removeprefix('torch.')}"
+              f"{' (int8 weights)' if args.quantize == 'int8' else ''}", flush=True)
         pool = compute_thread()
         if args.threads:
             import torch
 
             pool.submit(torch.set_num_threads, args.threads).result()
         loaded = pool.submit(load_slice, ckpt, first, last, device, dtype, pack=not args.no_pack, quantize=args.quantize,
-                             fast_attention=args.fast_attention).result()
+                             fast_attention=args.fast_attention, progress=LoadProgress()).result()
     except (ModelError, ValueError, FatalNodeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -151,6 +174,7 @@ def run(args) -> int:
     # thread would leave a second OpenMP thread team in the process (see compute_thread).
     # Still under the loading threshold: the probes' weight-sized scratch tensors are then
     # returned when freed instead of fragmenting the heap (35 MiB lower peak, measured).
+    print("checking kernels against torch's", flush=True)
     shard = pool.submit(Shard, loaded, batch_exact=not args.no_batch_exact, max_batch=args.max_batch).result()
     set_mmap_threshold(32 << 20)
     set_trim_threshold(64 << 20)

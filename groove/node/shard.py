@@ -77,8 +77,10 @@ class Shard:
         self.body = loaded.model.model
         self.layers = list(self.body.layers[: loaded.config.num_hidden_layers])
         self.inner_attention = attention.use_batched(loaded.model.config)
+        self.attend_kernel = None
         if self.inner_attention == "sdpa" and self.layers and loaded.dtype == torch.bfloat16 and loaded.device.type == "cpu":
-            attention.prepare_decode(self.layers[0].self_attn, loaded.config)  # its check runs now, not in the first step
+            # Its check runs now, not in the first step.
+            self.attend_kernel = attention.prepare_decode(self.layers[0].self_attn, loaded.config)
         self.exact = batch_exact
         # The head sees a row per piece that wants logits (and its guesses): it is probed up
         # to the node's batch size (``--max-batch``), not a prompt's, and its calls are
@@ -87,6 +89,10 @@ class Shard:
         self.row_exact = (linears.make_row_exact(loaded.model, loaded.device, loaded.dtype, largest={"lm_head": head_rows})
                           if batch_exact else [])
         self.head = loaded.model.lm_head  # after make_row_exact, which may wrap it
+
+    def kernels(self) -> list[str]:
+        """groove's compiled kernels that this slice's decode steps run; torch runs the rest."""
+        return linears.kernels_in_use(self.s.model) + (["attend.c"] if self.attend_kernel is not None else [])
 
     @property
     def is_first(self) -> bool:

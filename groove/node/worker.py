@@ -180,9 +180,11 @@ class NodeWorker:
         if reg.send_tokenizer and self.tokenizer:
             await ws.send_bytes(encode(TokenizerFiles(model=self.model, fingerprint=self.fingerprint, files=self.tokenizer)))
         rss = self.proc.memory_info().rss / 2**20
+        kernels = self.shard.kernels()
         print(f"registered as {self.node_id} with relay {self.relay}: {self.model} layers {s.first}-{s.last} "
               f"on {s.device} ({_dtype_str(s.dtype)}{', ' + s.weights + ' weights' if s.weights else ''}), loaded in {s.load_s:.2f}s, resident memory {rss:.0f} MiB"
-              f"{f', {len(self.shard.row_exact)} layers kept in one-row calls for exact batching' if self.shard.row_exact else ''}",
+              f"{f', {len(self.shard.row_exact)} layers kept in one-row calls for exact batching' if self.shard.row_exact else ''}"
+              f", {'groove kernels ' + ', '.join(kernels) if kernels else 'torch kernels only'}",
               flush=True)
         jobs: asyncio.Queue = asyncio.Queue()
         tasks = [asyncio.create_task(self._compute_loop(ws, jobs)), asyncio.create_task(self._heartbeat_loop(ws))]
