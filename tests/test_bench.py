@@ -29,7 +29,7 @@ def test_bench_json_reports_every_figure(tmp_path):
     # The same dtype on both sides and exact wires: the logits after the prompt are transformers'.
     assert result["top_token_equal"] is True and result["logits_error_of_range"] < 1e-3
     assert result["uncompressed_payload_bytes"] == 64 * 2
-    assert all(n["peak_rss_bytes"] > 0 and n["load_s"] > 0 for n in g["nodes"])
+    assert all(n["peak_rss_bytes"] > 0 and n["load_s"] > 0 and isinstance(n["kernels"], list) for n in g["nodes"])
 
 
 def test_bench_rejects_unknown_shapes():

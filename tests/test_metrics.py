@@ -98,4 +98,5 @@ def test_status_page_in_headless_chromium(model_paths, tmp_path):
     for n in nodes:
         assert n["id"] in dom and f"{n['layers'][0]}-{n['layers'][1]}" in dom
     assert "complete" in dom and "qwen2" in dom
+    assert "<th>kernels</th>" in dom and "<td>torch</td>" in dom  # float32 nodes run torch's kernels only
     assert shot.is_file() and shot.stat().st_size > 5000

@@ -129,6 +129,7 @@ def test_status_reports_models_and_nodes(llama_cluster):
     for n in st["nodes"]:
         assert {"id", "model", "layers", "device", "dtype", "sessions"} <= set(n)
         assert n["device"] == "cpu" and n["dtype"] == "float32"
+        assert n["kernels"] == []  # groove's kernels serve bfloat16 and int8 only
 
 
 def test_cancel_stops_generation_and_the_session_continues(llama_cluster, model_paths):
@@ -239,6 +240,9 @@ def test_a_node_reports_its_start_up_and_kernels(cluster_factory, model_paths, c
             assert ("attend.c" in registered) == admitted, registered
         else:
             assert registered.endswith("torch kernels only"), registered
+        # The relay's status (and so `groove status`) carries the same list.
+        (listed,) = [n["kernels"] for n in status(cluster.address)["nodes"] if n["layers"] == [first, last]]
+        assert registered.endswith(f"groove kernels {', '.join(listed)}" if listed else "torch kernels only"), (registered, listed)
     prompt = PROMPTS[2]
     steps = run_async(generate(cluster.address, "qwen2", prompt, 12))
     assert [s.token for s in steps] == reference_generate(path, prompt, 12, dtype="bfloat16")

@@ -163,7 +163,8 @@ def run_pipeline(w: Workload, ckpt: checkpoint.Checkpoint, prompt: list[int]) ->
         "overhead_per_token_ms": statistics.median(overheads) * 1000,
         "relay_hop_ms_p50": status["relay"]["hop_ms_p50"],
         "relay_hop_ms_p99": status["relay"]["hop_ms_p99"],
-        "nodes": [{"id": n["id"], "layers": n["layers"], "peak_rss_bytes": n["peak_rss_bytes"], "load_s": n["load_s"]} for n in nodes],
+        "nodes": [{"id": n["id"], "layers": n["layers"], "peak_rss_bytes": n["peak_rss_bytes"], "load_s": n["load_s"],
+                   "kernels": n["kernels"]} for n in nodes],
         "cluster_ready_s": ready_s,
     }
 
@@ -233,7 +234,8 @@ def render(result: dict) -> None:
     t.add_row("logits after the prompt: max error", f"{result['logits_max_abs_error']:.3g} ({result['logits_error_of_range']:.2%} of range)",
               "", "same top token" if result["top_token_equal"] else "TOP TOKEN DIFFERS")
     for n in g["nodes"]:
-        t.add_row(f"node {n['layers'][0]}-{n['layers'][1]} peak memory / load", f"{n['peak_rss_bytes'] / 2**20:.0f} MiB / {n['load_s']:.1f} s", "", "")
+        t.add_row(f"node {n['layers'][0]}-{n['layers'][1]} peak memory / load", f"{n['peak_rss_bytes'] / 2**20:.0f} MiB / {n['load_s']:.1f} s", "",
+                  ", ".join(n["kernels"]) or "torch kernels only")
     t.add_row("greedy tokens equal", "yes" if result["same_tokens_as_baseline"] else
               f"NO (first {result['tokens_before_divergence']} of {result['new_tokens']} equal)", "", "")
     console.print(t)

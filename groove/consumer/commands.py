@@ -305,10 +305,11 @@ def run_status(args) -> int:
         cov = ", ".join(f"{a}-{b}" for a, b in m["coverage"])
         models.add_row(m["model"], m["fingerprint"], str(m["num_layers"]), cov, "yes" if m["complete"] else "[red]no[/red]")
     nodes = Table(title="nodes")
-    for col in ("id", "model", "layers", "device", "dtype", "sessions", "tokens", "memory", "heartbeat"):
+    for col in ("id", "model", "layers", "device", "dtype", "kernels", "sessions", "tokens", "memory", "heartbeat"):
         nodes.add_column(col)
     for n in status["nodes"]:
-        nodes.add_row(n["id"], n["model"], f"{n['layers'][0]}-{n['layers'][1]}", n["device"], n["dtype"], str(n["sessions"]),
+        kernels = ", ".join(n.get("kernels") or []) or "torch"
+        nodes.add_row(n["id"], n["model"], f"{n['layers'][0]}-{n['layers'][1]}", n["device"], n["dtype"], kernels, str(n["sessions"]),
                       str(n["tokens_processed"]), f"{n['rss_bytes'] / 2**20:.0f} MiB", f"{n['last_heartbeat_s']:.1f} s ago")
     console.print(models)
     console.print(nodes)

@@ -169,10 +169,11 @@ class NodeWorker:
         await ws.send_bytes(encode(Hello(role="node", token=self.token, software=f"groove {__version__}")))
         await expect(ws, Welcome)
         s = self.shard.s
+        kernels = self.shard.kernels()
         await ws.send_bytes(encode(NodeRegister(
             model=self.model, fingerprint=self.fingerprint, num_layers=s.num_layers, layers=Range(s.first, s.last),
             device=str(s.device), dtype=_dtype_str(s.dtype), hidden_size=self.hidden_size,
-            vocab_size=self.vocab_size, weights=s.weights, load_s=s.load_s, rss_bytes=self.proc.memory_info().rss,
+            vocab_size=self.vocab_size, weights=s.weights, kernels=kernels, load_s=s.load_s, rss_bytes=self.proc.memory_info().rss,
             peak_rss_bytes=peak_rss_bytes(), max_positions=self.max_positions, tokenizer_digest=self.tokenizer_digest,
             machine=machine_id())))
         reg = await expect(ws, Registered)
@@ -180,7 +181,6 @@ class NodeWorker:
         if reg.send_tokenizer and self.tokenizer:
             await ws.send_bytes(encode(TokenizerFiles(model=self.model, fingerprint=self.fingerprint, files=self.tokenizer)))
         rss = self.proc.memory_info().rss / 2**20
-        kernels = self.shard.kernels()
         print(f"registered as {self.node_id} with relay {self.relay}: {self.model} layers {s.first}-{s.last} "
               f"on {s.device} ({_dtype_str(s.dtype)}{', ' + s.weights + ' weights' if s.weights else ''}), loaded in {s.load_s:.2f}s, resident memory {rss:.0f} MiB"
               f"{f', {len(self.shard.row_exact)} layers kept in one-row calls for exact batching' if self.shard.row_exact else ''}"

@@ -69,6 +69,7 @@ class NodeRegister(Envelope, tag="node_register"):
     hidden_size: int
     vocab_size: int
     weights: str = ""  # "packed", "int8" or "" (plain)
+    kernels: list[str] = []  # groove's compiled kernels its decode steps run ("bf16.c", "q8.c", "attend.c")
     load_s: float = 0.0
     rss_bytes: int = 0
     peak_rss_bytes: int = 0

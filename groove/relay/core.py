@@ -260,7 +260,7 @@ class Relay:
         node = NodeInfo(
             id=peer.id, conn=peer.conn, model=msg.model, fingerprint=msg.fingerprint, num_layers=msg.num_layers,
             first=first, last=last, device=msg.device, dtype=msg.dtype, hidden_size=msg.hidden_size,
-            vocab_size=msg.vocab_size, weights=msg.weights, load_s=msg.load_s, rss_bytes=msg.rss_bytes, peak_rss_bytes=msg.peak_rss_bytes,
+            vocab_size=msg.vocab_size, weights=msg.weights, kernels=list(msg.kernels), load_s=msg.load_s, rss_bytes=msg.rss_bytes, peak_rss_bytes=msg.peak_rss_bytes,
             max_positions=msg.max_positions, machine=msg.machine,
         )
         self.registry.add(node)

@@ -20,6 +20,7 @@ class NodeInfo:
     hidden_size: int
     vocab_size: int
     weights: str = ""
+    kernels: list[str] = field(default_factory=list)
     load_s: float = 0.0
     rss_bytes: int = 0
     peak_rss_bytes: int = 0
@@ -43,6 +44,7 @@ class NodeInfo:
             "device": self.device,
             "dtype": self.dtype,
             "weights": self.weights,
+            "kernels": self.kernels,
             "sessions": len(self.sessions),
             "cached_sessions": self.cached_sessions,
             "tokens_processed": self.tokens_processed,
