@@ -134,16 +134,17 @@ _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # q8_linear's dtype argume
 
 
 def int8_linear(fn, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x`` [M, K] times the int8 ``weight`` [N, K] with float32 per-row ``scales`` [N],
-    plus ``bias``: [M, N] in ``x``'s dtype. bfloat16 and float32 go to the kernel as they
+    """``x`` [..., K] times the int8 ``weight`` [N, K] with float32 per-row ``scales`` [N],
+    plus ``bias``: [..., N] in ``x``'s dtype. bfloat16 and float32 go to the kernel as they
     are (it converts, and rounds the sum once); other dtypes through float32."""
     code = _DTYPE_CODES.get(x.dtype)
     if code is None:
         return int8_linear(fn, x.float(), weight, scales, None if bias is None else bias.float()).to(x.dtype)
-    x = x.contiguous()
-    m, k = x.shape
-    n = weight.shape[0]
-    y = torch.empty(m, n, dtype=x.dtype)
+    if not x.is_contiguous():
+        x = x.contiguous()
+    k = x.shape[-1]
+    m, n = x.numel() // k, weight.shape[0]
+    y = torch.empty(x.shape[:-1] + (n,), dtype=x.dtype)
     work = getattr(_scratch, "buf", None)
     if work is None or work.numel() < m * (k + n):
         work = _scratch.buf = torch.empty(max(m * (k + n), 1 << 16), dtype=torch.float32)
@@ -190,12 +191,13 @@ def reads_packed_layout(weight: torch.Tensor, packed: torch.Tensor) -> bool:
 
 
 def bf16_linear(fn, x: torch.Tensor, address: int, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x`` [M, K] in bfloat16 times the packed weight at ``address`` (see
-    ``reads_packed_layout``), plus ``bias`` (bfloat16): [M, N] in bfloat16."""
-    x = x.contiguous()
-    m, k = x.shape
-    y = torch.empty(m, out_features, dtype=torch.bfloat16)
-    fn(x.data_ptr(), address, None if bias is None else bias.data_ptr(), y.data_ptr(), m, out_features, k)
+    """``x`` [..., K] in bfloat16 times the packed weight at ``address`` (see
+    ``reads_packed_layout``), plus ``bias`` (bfloat16): [..., N] in bfloat16."""
+    if not x.is_contiguous():
+        x = x.contiguous()
+    k = x.shape[-1]
+    y = torch.empty(x.shape[:-1] + (out_features,), dtype=torch.bfloat16)
+    fn(x.data_ptr(), address, None if bias is None else bias.data_ptr(), y.data_ptr(), x.numel() // k, out_features, k)
     return y
 
 

@@ -125,13 +125,13 @@ class PackedLinear(nn.Module):
         self.reference: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The checks below are shared by every layer of this shape: a slice would record
-        # nn.Linear's rounding of slices, not of the tensors the other calls pass.
-        x = canonical(x)
         rows = x.numel() // self.in_features
         compared = self.checked.get(rows, 0)
         if compared >= COMPARED_OUTPUTS:
             return self.fast(x)
+        # The checks below are shared by every layer of this shape: a slice would record
+        # nn.Linear's rounding of slices, not of the tensors the other calls pass.
+        x = canonical(x)
         want = self.unpacked(x)
         if compared >= 0:
             self.checked[rows] = compared + want.numel() if torch.equal(self.fast(x), want) else -1
@@ -142,12 +142,13 @@ class PackedLinear(nn.Module):
         return compared < 0 or compared >= COMPARED_OUTPUTS
 
     def fast(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        if self.kernel is not None and rows <= OWN_KERNEL_ROWS:
-            y = cpu_kernels.bf16_linear(self.kernel, x.reshape(rows, self.in_features), self.address(), self.out_features,
-                                        self.bias)
-            return y.view(*x.shape[:-1], self.out_features)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        # A decode step makes seven of these calls per layer, and Python's cost around one
+        # was as large as a small layer's kernel (see BENCHMARKS.md): buffers are read from
+        # ``_buffers`` (nn.Module's ``__getattr__`` is slow) and nothing is reshaped twice.
+        bias = self._buffers["bias"]
+        if self.kernel is not None and x.numel() <= OWN_KERNEL_ROWS * self.in_features:
+            return cpu_kernels.bf16_linear(self.kernel, x, self.address(), self.out_features, bias)
+        return torch.ops.mkldnn._linear_pointwise(canonical(x), self._buffers["packed"], bias, "none", [], "")
 
     def alone_rows(self) -> int:
         """How many rows one call can take while giving each row what a one-row call gives
@@ -157,8 +158,9 @@ class PackedLinear(nn.Module):
 
     def address(self) -> int:
         """Where the packed weight's bytes are (looked up again should the buffer change)."""
-        if self._address is None or self._address[0] is not self.packed:
-            self._address = (self.packed, cpu_kernels.packed_address(self.packed))
+        packed = self._buffers["packed"]
+        if self._address is None or self._address[0] is not packed:
+            self._address = (packed, cpu_kernels.packed_address(packed))
         return self._address[1]
 
     def unpacked(self, x: torch.Tensor) -> torch.Tensor:
@@ -294,13 +296,16 @@ class Int8Linear(nn.Module):
                 self.register_buffer("scales32", scales)  # the kernel scales in float32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The int8 kernels win at decode sizes; for prefill a dequantized matmul is about
+        # 3x faster (measured at 512 rows). The kernel's call is kept as lean as
+        # PackedLinear.fast's, for the same reason.
+        if self.kernel is not None and x.numel() <= DEQUANTIZE_ABOVE_ROWS * self.in_features:
+            bias = self._parameters.get("bias")
+            if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
+                bias = bias.to(x.dtype).contiguous()
+            return cpu_kernels.int8_linear(self.kernel, x, self._buffers["weight"], self._buffers["scales32"], bias)
         lead = x.shape[:-1]
         flat = x.reshape(-1, x.shape[-1]).contiguous()
-        # The int8 kernels win at decode sizes; for prefill a dequantized matmul is about
-        # 3x faster (measured at 512 rows).
-        if self.kernel is not None and flat.shape[0] <= DEQUANTIZE_ABOVE_ROWS:
-            bias = None if self.bias is None else self.bias.to(flat.dtype).contiguous()
-            return cpu_kernels.int8_linear(self.kernel, flat, self.weight, self.scales32, bias).reshape(*lead, self.out_features)
         if self._packed_op and flat.shape[0] <= DEQUANTIZE_ABOVE_ROWS:
             try:
                 y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales)
