@@ -31,10 +31,14 @@ def big_sharded_model(tmp_path_factory):
 
 def full_model_peak_rss(path) -> int:
     code = (
-        "import resource, torch\n"
+        "import torch\n"
         "from transformers import AutoModelForCausalLM\n"
+        "from groove.node.worker import peak_rss_bytes\n"
         f"m = AutoModelForCausalLM.from_pretrained({str(path)!r}, dtype=torch.float32)\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n"
+        # transformers may leave weights mapped from the file: read them all, as a forward
+        # pass would, so that every page is resident and counted (as the nodes' are).
+        "sum(float(p.sum()) for p in m.parameters())\n"
+        "print(peak_rss_bytes())\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1])
@@ -60,6 +64,20 @@ def test_half_a_model_costs_half_the_memory(big_sharded_model):
     # by at least a third of the model's size.
     for peak in peaks:
         assert peak < full - total / 3, report
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss surviving exec is Linux's behaviour")
+def test_a_processes_peak_memory_is_its_own_not_its_parents():
+    """getrusage's peak survives exec: a node started by this (large) test process used to
+    report this process's size as its own peak. VmHWM does not carry over."""
+    ballast = b"x" * (1 << 30)  # written, so resident: this process is now over 1 GiB
+    code = ("import resource\n"
+            "from groove.node.worker import peak_rss_bytes\n"
+            "print(peak_rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n")
+    own, maxrss = map(int, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split())
+    del ballast
+    # The child imports torch (a few hundred MB); ru_maxrss says at least this process's GiB.
+    assert own < 1 << 30, f"reported {own >> 20} MiB (ru_maxrss: {maxrss >> 20} MiB)"
 
 
 def _descendants_alive(pids) -> list[int]:
