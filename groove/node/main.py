@@ -152,9 +152,9 @@ def run(args) -> int:
             print(f"relay {args.relay} placed this node on layers {first}-{last}", flush=True)
         else:
             first, last = parse_layers(args.layers, ckpt.num_layers)
-        from .worker import compute_thread
+        from .worker import compute_thread, dtype_str
 
-        print(f"loading layers {first}-{last} of {ckpt.ref.name} on {device} in {str(dtype).removeprefix('torch.')}"
+        print(f"loading layers {first}-{last} of {ckpt.ref.name} on {device} in {dtype_str(dtype)}"
               f"{' (int8 weights)' if args.quantize == 'int8' else ''}", flush=True)
         pool = compute_thread()
         if args.threads:

@@ -182,7 +182,7 @@ class NodeWorker:
         kernels = self.shard.kernels()
         await ws.send_bytes(encode(NodeRegister(
             model=self.model, fingerprint=self.fingerprint, num_layers=s.num_layers, layers=Range(s.first, s.last),
-            device=str(s.device), dtype=_dtype_str(s.dtype), hidden_size=self.hidden_size,
+            device=str(s.device), dtype=dtype_str(s.dtype), hidden_size=self.hidden_size,
             vocab_size=self.vocab_size, weights=s.weights, kernels=kernels, load_s=s.load_s, rss_bytes=self.proc.memory_info().rss,
             peak_rss_bytes=peak_rss_bytes(), max_positions=self.max_positions, tokenizer_digest=self.tokenizer_digest,
             machine=machine_id())))
@@ -192,7 +192,7 @@ class NodeWorker:
             await ws.send_bytes(encode(TokenizerFiles(model=self.model, fingerprint=self.fingerprint, files=self.tokenizer)))
         rss = self.proc.memory_info().rss / 2**20
         print(f"registered as {self.node_id} with relay {self.relay}: {self.model} layers {s.first}-{s.last} "
-              f"on {s.device} ({_dtype_str(s.dtype)}{', ' + s.weights + ' weights' if s.weights else ''}), loaded in {s.load_s:.2f}s, resident memory {rss:.0f} MiB"
+              f"on {s.device} ({dtype_str(s.dtype)}{', ' + s.weights + ' weights' if s.weights else ''}), loaded in {s.load_s:.2f}s, resident memory {rss:.0f} MiB"
               f"{f', {len(self.shard.row_exact)} layers kept in one-row calls for exact batching' if self.shard.row_exact else ''}"
               f", {'groove kernels ' + ', '.join(kernels) if kernels else 'torch kernels only'}",
               flush=True)
@@ -399,7 +399,7 @@ class NodeWorker:
             if not shard.is_last:
                 # Each chunk goes on at once, so the next node starts on a long prompt
                 # while this one is still working through it.
-                dtype, shape, raw = to_wire(out, self.wire_dtype or _dtype_str(shard.s.dtype))
+                dtype, shape, raw = to_wire(out, self.wire_dtype or dtype_str(shard.s.dtype))
                 frames.append(encode(Forward(session=msg.session, seq=msg.seq, src=self.node_id, start=msg.start + slot.offset,
                                              count=slot.count, dtype=dtype, shape=shape, remaining=msg.remaining,
                                              want_logits=msg.want_logits, ignore_eos=msg.ignore_eos,
@@ -453,7 +453,7 @@ async def request_placement(relay: str, request: PlacementRequest, token: str = 
             delay = min(delay * 2, MAX_BACKOFF_S)
 
 
-def _dtype_str(dtype) -> str:
+def dtype_str(dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
