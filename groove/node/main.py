@@ -79,11 +79,12 @@ def set_trim_threshold(nbytes: int) -> None:
 # Entries in each of oneDNN's kernel caches (its primitive cache and ideep's, in front of
 # it): about 1 MiB apiece here, and both default to 1,024. Every call size of every layer
 # shape makes an entry, so a node serving prompts of many lengths grew by about 5 MiB per
-# new length, toward a gigabyte, and the load-time kernel checks alone left 190 MiB
-# (measured on the last half of Qwen2.5-0.5B). A pass needs about seven entries per
-# distinct piece size (one per layer shape): 64 holds eight sizes, with no slower decode
-# measured; a miss costs about 0.5 ms.
-KERNEL_CACHE_ENTRIES = 64
+# new length, toward a gigabyte. Decode steps make none (groove's kernels serve them); a
+# prompt length makes one per layer shape (four or five), and about as many again the
+# first time, for the exactness check against the plain weight. 32 holds the sizes of a
+# pass with several prompt pieces of different lengths; 64 left the last node of
+# Qwen2.5-0.5B 35-60 MiB larger (measured), with no faster prompts or decode steps.
+KERNEL_CACHE_ENTRIES = 32
 
 
 def bound_kernel_caches(entries: int = KERNEL_CACHE_ENTRIES) -> None:
