@@ -79,7 +79,7 @@ def set_trim_threshold(nbytes: int) -> None:
 # Entries in each of oneDNN's kernel caches (its primitive cache and ideep's, in front of
 # it): about 1 MiB apiece here, and both default to 1,024. Every call size of every layer
 # shape makes an entry, so a node serving prompts of many lengths grew by about 5 MiB per
-# new length, toward a gigabyte. Decode steps make none (groove's kernels serve them); a
+# new length, toward a gigabyte. Decode steps make none where groove's kernels serve them; a
 # prompt length makes one per layer shape (four or five), and about as many again the
 # first time, for the exactness check against the plain weight. 32 holds the sizes of a
 # pass with several prompt pieces of different lengths; 64 left the last node of
