@@ -444,3 +444,28 @@ def test_the_lm_head_is_probed_up_to_the_nodes_batch_size(model_paths):
         head = shard.head.inner
         found = rows_like_one(head, head.in_features, "cpu", torch.bfloat16, tuple(r for r in PROBE_ROWS if r <= probed))
         assert shard.head.safe == (probed if found is None else found)
+
+
+@pytest.mark.skipif(not packing_available(torch.device("cpu"), torch.bfloat16), reason="oneDNN is not available")
+def test_the_row_probe_never_unpacks_a_weight():
+    """On a CPU where a layer's packed 2-row calls round unlike nn.Linear's, such calls
+    unpack the whole weight each time. The row probe counts that size as unlike one row
+    instead of calling it: probing Llama-3.2-1B's LM head that way copied 501 MiB at load."""
+    from groove.node.linears import rows_like_one
+
+    torch.manual_seed(0)
+    packed = PackedLinear(nn.Linear(160, 96, bias=False).to(torch.bfloat16))
+    unpacked = []
+    real = packed.unpacked
+    packed.unpacked = lambda x: unpacked.append(x.shape) or real(x)
+    saved = dict(packed.checked)
+    try:
+        settle(packed, [1])  # one-row calls rounded as nn.Linear's, as the packer requires
+        packed.checked[2] = -1  # as found on such a CPU; the original weight is gone
+        assert packed.unpacks(2) and not packed.unpacks(1)
+        unpacked.clear()
+        assert rows_like_one(packed, 160, "cpu", torch.bfloat16) == 1
+        assert unpacked == []
+    finally:
+        packed.checked.clear()
+        packed.checked.update(saved)

@@ -141,6 +141,11 @@ class PackedLinear(nn.Module):
         compared = self.checked.get(rows, 0)
         return compared < 0 or compared >= COMPARED_OUTPUTS
 
+    def unpacks(self, rows: int) -> bool:
+        """Whether calls of ``rows`` rows unpack the whole weight each time: the packed
+        kernel rounded them unlike ``nn.Linear``, and the original weight is gone."""
+        return self.reference is None and self.checked.get(rows, 0) < 0
+
     def fast(self, x: torch.Tensor) -> torch.Tensor:
         # A decode step makes seven of these calls per layer, and Python's cost around one
         # was as large as a small layer's kernel (see BENCHMARKS.md): buffers are read from
@@ -435,6 +440,11 @@ def rows_like_one(linear: nn.Module, in_features: int, device, dtype, rows: tupl
     safe = 1
     with torch.inference_mode():
         for n in sorted(rows):
+            if isinstance(linear, PackedLinear) and linear.unpacks(n):
+                # Counted as unlike one row without a call: a batch should never make such
+                # calls anyway, and probing one would copy the weight (Llama-3.2-1B's LM head:
+                # a 501 MiB copy at load, measured, when its 2-row calls rounded otherwise).
+                return safe
             for start in range(0, need, n):
                 together = linear(canonical(x[:, start : start + n]))
                 m = min(n, need - start)
