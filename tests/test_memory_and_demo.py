@@ -167,8 +167,8 @@ def test_node_memory_does_not_grow_with_each_new_prompt_length(model_paths, clus
 
 
 def test_first_node_keeps_only_the_embedding_rows_it_reads(tmp_path, cluster_factory):
-    """The first node maps its token embedding instead of reading it: a 128 MiB table
-    costs it only the rows of the tokens it has seen. Nodes 0 and 1 hold equal layers, and
+    """The first node reads its token embedding row by row as tokens need it: a 128 MiB
+    table costs it only the rows of the tokens it has seen. Nodes 0 and 1 hold equal layers, and
     node 0 the embedding besides."""
     from groove.models.synthetic import build_checkpoint
 
@@ -183,6 +183,36 @@ def test_first_node_keeps_only_the_embedding_rows_it_reads(tmp_path, cluster_fac
     time.sleep(1.5)  # a heartbeat carries the peaks
     peaks = {tuple(n["layers"]): n["peak_rss_bytes"] / 2**20 for n in status(cluster.address)["nodes"]}
     assert peaks[(0, 0)] < peaks[(1, 1)] + 32, f"peak resident MiB per node: {peaks}"
+
+
+def test_embedding_rows_are_read_the_first_time_a_token_needs_them(tmp_path):
+    """The first node's table is read a row at a time: rows it never needs cost nothing,
+    ids outside the table are left to the lookup to reject, and a checkpoint truncated
+    under a running node fails the read with a clear error."""
+    import torch
+    from safetensors.torch import save_file
+
+    from groove.models.checkpoint import ModelError
+    from groove.node.loader import RowsOnDemand
+
+    table = torch.randn(32768, 1024, dtype=torch.bfloat16)  # 64 MiB
+    path = tmp_path / "model.safetensors"
+    save_file({"model.norm.weight": torch.ones(1024), "model.embed_tokens.weight": table}, str(path))
+    me = psutil.Process()
+    before = me.memory_info().rss
+    rows = RowsOnDemand(path, "model.embed_tokens.weight")
+    rows.fetch([7, 3, 7, 32768, -1, 30000])
+    assert rows.fetched == {3, 7, 30000}
+    for i in (3, 7, 30000):
+        assert torch.equal(rows.table[i], table[i])
+    assert (me.memory_info().rss - before) / 2**20 < 8, "rows never read became resident"
+    with pytest.raises(IndexError):
+        torch.nn.functional.embedding(torch.tensor([32768]), rows.table)
+
+    os.truncate(path, path.stat().st_size - 1024 * 2 * 100)  # the last 100 rows
+    rows.fetch([10])
+    with pytest.raises(ModelError, match="truncated"):
+        rows.fetch([32767])
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")

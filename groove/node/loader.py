@@ -10,17 +10,16 @@ Each tensor's byte range is read into memory the node owns instead of memory-map
 file (``safe_open``): mapped pages would count as resident on top of the packed or
 quantized copies made from them, doubling the peak, and would fault in during the first
 generation instead of at start-up. The one exception is the first node's token embedding
-when it is used as stored: a lookup reads one row per token, so mapped, only the rows of
-tokens seen become resident (a few MB) instead of the whole table (272 MB for
-Qwen2.5-0.5B's 151,936 x 896), as llama.cpp does for all its weights. (A mapped file
-must not be truncated while the node runs: its pages would no longer be there.)
+when it is used as stored: a lookup reads one row per token, so its rows are read the
+first time a token needs them (``RowsOnDemand``), and only the rows of tokens seen become
+resident (a few MB) instead of the whole table (272 MB for Qwen2.5-0.5B's 151,936 x 896).
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import mmap
+import os
 import struct
 import time
 from collections import defaultdict
@@ -47,6 +46,7 @@ class LoadedSlice:
     dtype: torch.dtype
     load_s: float
     weights: str = ""  # how the linear layers are stored: "packed", "int8" or "" (plain)
+    rows: RowsOnDemand | None = None  # the token embedding, where it is read row by row
 
 
 def pick_device(name: str) -> torch.device:
@@ -137,24 +137,15 @@ _ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
-def read_tensors(path, names: list[str], mapped: frozenset[str] = frozenset()):
-    """Yield (name, CPU tensor) for ``names`` from one safetensors file, reading only their
-    bytes; those in ``mapped`` are views of the file mapped copy-on-write (``map_tensor``),
-    whose pages become resident only where they are read."""
+def read_tensors(path, names: list[str]):
+    """Yield (name, CPU tensor) for ``names`` from one safetensors file, reading only their bytes."""
     with open(path, "rb") as f:
         (hlen,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(hlen))
         base = 8 + hlen
         for name in sorted(names, key=lambda n: header[n]["data_offsets"][0]):
-            info = header[name]
-            if info["dtype"] not in _ST_DTYPES:
-                raise ModelError(f"tensor {name} has unsupported dtype {info['dtype']}")
-            start, end = info["data_offsets"]
-            dtype = _ST_DTYPES[info["dtype"]]
-            if name in mapped and end > start and (base + start) % dtype.itemsize == 0:
-                yield name, map_tensor(f, base + start, end - start, dtype, info["shape"])
-                continue
-            t = torch.empty(info["shape"], dtype=dtype)
+            dtype, start, end = _dtype_and_range(header, name)
+            t = torch.empty(header[name]["shape"], dtype=dtype)
             if end > start:
                 f.seek(base + start)
                 if f.readinto(memoryview(t.view(-1).view(torch.uint8).numpy())) != end - start:
@@ -162,16 +153,55 @@ def read_tensors(path, names: list[str], mapped: frozenset[str] = frozenset()):
             yield name, t
 
 
-def map_tensor(f, offset: int, nbytes: int, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
-    """A tensor over bytes ``offset``..``offset + nbytes`` of the open file ``f``, mapped
-    privately (the tensor may be written; the file never is). The mapping lives as long as
-    the tensor."""
-    page = mmap.ALLOCATIONGRANULARITY
-    start = offset - offset % page
-    mm = mmap.mmap(f.fileno(), offset + nbytes - start, access=mmap.ACCESS_COPY, offset=start)
-    if hasattr(mm, "madvise"):
-        mm.madvise(mmap.MADV_RANDOM)  # lookups are scattered: no read-ahead around each
-    return torch.frombuffer(mm, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset - start).view(shape)
+def _dtype_and_range(header: dict, name: str) -> tuple[torch.dtype, int, int]:
+    info = header[name]
+    if info["dtype"] not in _ST_DTYPES:
+        raise ModelError(f"tensor {name} has unsupported dtype {info['dtype']}")
+    start, end = info["data_offsets"]
+    return _ST_DTYPES[info["dtype"]], start, end
+
+
+class RowsOnDemand:
+    """A 2-D tensor of a safetensors file (the first node's token embedding) whose rows are
+    read from the file the first time they are needed (``fetch``), into a table allocated
+    but never written elsewhere, so only the rows read become resident. (Mapping the file
+    would do the same with less code, but the kernel maps whole page-cache folios on a
+    fault: where the file sat in large folios, each lookup made 1.25 MiB resident, 306 MiB
+    for 512 tokens of Llama-3.2-1B's 501 MiB table, measured on Linux 6.18.) The file stays
+    open for the node's life; a file truncated meanwhile fails the read, not the process."""
+
+    def __init__(self, path, name: str):
+        self.path = path
+        with open(path, "rb") as f:
+            (hlen,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(hlen))
+        dtype, start, end = _dtype_and_range(header, name)
+        shape = header[name]["shape"]
+        if len(shape) != 2 or shape[0] * shape[1] * dtype.itemsize != end - start:
+            raise ModelError(f"tensor {name} in {path} is not a table of rows")
+        self.table = torch.empty(shape, dtype=dtype)
+        self._bytes = self.table.view(torch.uint8).numpy()  # [rows, bytes per row]
+        self.offset = 8 + hlen + start
+        self.fetched: set[int] = set()
+        self._fd = os.open(path, os.O_RDONLY)
+
+    def fetch(self, ids) -> None:
+        """Read the rows of ``ids`` not read yet. Ids outside the table are left to the
+        lookup, which rejects them."""
+        rows, width = self._bytes.shape
+        for i in set(ids) - self.fetched:
+            if not 0 <= i < rows:
+                continue
+            data = os.pread(self._fd, width, self.offset + i * width)
+            if len(data) != width:
+                raise ModelError(f"{self.path} was truncated while the node ran (row {i})")
+            self._bytes[i] = memoryview(data)
+            self.fetched.add(i)
+
+    def __del__(self) -> None:
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            os.close(fd)
 
 
 def load_slice(ckpt: Checkpoint, first: int, last: int, device: torch.device, dtype: torch.dtype,
@@ -205,18 +235,19 @@ def load_slice(ckpt: Checkpoint, first: int, last: int, device: torch.device, dt
     for name in plan:
         by_file[ckpt.tensors[name].file].append(name)
     convert, weights = linear_converter(quantize, pack, device, dtype)
-    # The embedding is mapped where it is used as stored: only for lookups (not also as a
-    # tied LM head, which reads all of it), on the CPU, in the dtype it runs in.
-    mapped = frozenset(
-        name for name, locals_ in plan.items()
-        if locals_ == ["model.embed_tokens.weight"] and device.type == "cpu" and _ST_DTYPES.get(ckpt.tensors[name].dtype) == dtype
-    )
-    total, done = sum(ckpt.tensors[name].nbytes for name in plan), 0
+    # The embedding is read row by row where it is used as stored: only for lookups (not
+    # also as a tied LM head, which reads all of it), on the CPU, in the dtype it runs in.
+    rows = None
+    if plan.get(EMBED_KEY) == ["model.embed_tokens.weight"] and device.type == "cpu" and _ST_DTYPES.get(ckpt.tensors[EMBED_KEY].dtype) == dtype:
+        rows = RowsOnDemand(hub_file(ckpt.ref, ckpt.tensors[EMBED_KEY].file), EMBED_KEY)
+        body.embed_tokens.weight = nn.Parameter(rows.table, requires_grad=False)
+        by_file[ckpt.tensors[EMBED_KEY].file].remove(EMBED_KEY)
+    total, done = sum(ckpt.tensors[name].nbytes for names in by_file.values() for name in names), 0
     # Each tensor goes into its module as soon as it is read, and a linear layer is packed
     # or quantized as soon as its last tensor is in: only one original weight is ever held
     # beside its converted copy, so the peak stays one slice plus its largest tensor.
     for fname, names in by_file.items():
-        for name, tensor in read_tensors(hub_file(ckpt.ref, fname), names, mapped):
+        for name, tensor in read_tensors(hub_file(ckpt.ref, fname), names):
             tensor = tensor.to(device=device, dtype=dtype)
             for local in plan[name]:
                 module_name, _, attr = local.rpartition(".")
@@ -247,4 +278,5 @@ def load_slice(ckpt: Checkpoint, first: int, last: int, device: torch.device, dt
         dtype=dtype,
         load_s=time.perf_counter() - t0,
         weights=weights,
+        rows=rows,
     )

@@ -123,7 +123,10 @@ class Shard:
             raise ValueError("a batch holds at most one piece per session")
         dev = self.s.device
         if self.is_first:
-            ids = torch.tensor([[t for p in pieces for t in p.tokens]], dtype=torch.long, device=dev)
+            tokens = [t for p in pieces for t in p.tokens]
+            if self.s.rows is not None:
+                self.s.rows.fetch(tokens)
+            ids = torch.tensor([tokens], dtype=torch.long, device=dev)
             h = self.body.embed_tokens(ids)
         else:
             parts = [p.hidden.to(device=dev, dtype=self.s.dtype) for p in pieces]
