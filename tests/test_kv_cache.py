@@ -37,6 +37,35 @@ def test_growing_layer_holds_what_dynamic_layer_holds_through_growth_and_crops()
         ours.crop(3)
 
 
+def test_a_reservation_gives_room_before_the_pass_and_never_changes_what_is_held(model_paths):
+    """A shard reserves each session's positions before its layers run, so the buffers
+    are not allocated between the pass's activations. The update then writes in place;
+    where the config's guess of the shapes is wrong, it regrows; and a reservation for a
+    layer that holds keys keeps them."""
+    from groove.models import checkpoint
+    from groove.node.loader import slice_config
+
+    config = slice_config(checkpoint.load(str(model_paths["qwen2"])), 0, 1)
+    cache = session_cache(config)
+    kv_cache.reserve(cache, 600, config, torch.device("cpu"), torch.float32)
+    heads, dim = config.num_key_value_heads, config.hidden_size // config.num_attention_heads
+    layer = cache.layers[0]
+    assert layer.key_buffer.shape == (1, heads, kv_cache.capacity_for(600), dim) and layer.get_seq_length() == 0
+    where = layer.key_buffer.data_ptr()
+    k, v = torch.randn(1, heads, 600, dim), torch.randn(1, heads, 600, dim)
+    got = layer.update(k, v)
+    assert layer.key_buffer.data_ptr() == where and torch.equal(got[0], k) and torch.equal(got[1], v)
+
+    kv_cache.reserve(cache, 5000, config, torch.device("cpu"), torch.float32)  # grows what it holds
+    assert layer.key_buffer.shape[-2] >= 5000 and torch.equal(layer.keys, k) and torch.equal(layer.values, v)
+
+    wrong = session_cache(config)  # a guess in the wrong dtype and width: the update regrows
+    kv_cache.reserve(wrong, 64, config, torch.device("cpu"), torch.bfloat16)
+    k2 = torch.randn(1, heads, 10, dim + 8)
+    got = wrong.layers[1].update(k2, k2)
+    assert torch.equal(got[0], k2) and wrong.layers[1].key_buffer.dtype == torch.float32
+
+
 def test_session_cache_grows_full_attention_layers_only(model_paths):
     from groove.models import checkpoint
     from groove.node.loader import slice_config

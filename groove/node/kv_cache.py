@@ -23,7 +23,14 @@ from transformers.cache_utils import DynamicLayer
 GROWTH_POSITIONS = 256
 
 
+def capacity_for(positions: int) -> int:
+    return positions + max(GROWTH_POSITIONS, positions // 4)
+
+
 class GrowingLayer(DynamicLayer):
+    key_buffer: torch.Tensor | None = None
+    value_buffer: torch.Tensor | None = None
+    length = 0
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
         self.key_buffer: torch.Tensor | None = None
@@ -34,8 +41,8 @@ class GrowingLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         end = self.length + key_states.shape[-2]
-        if self.key_buffer is None or end > self.key_buffer.shape[-2]:
-            self._grow(key_states, value_states, end + max(GROWTH_POSITIONS, end // 4))
+        if not self._holds(end, key_states, value_states):
+            self._grow(key_states, value_states, capacity_for(end))
         self.key_buffer[..., self.length : end, :].copy_(key_states)
         self.value_buffer[..., self.length : end, :].copy_(value_states)
         self._set_length(end)
@@ -50,6 +57,28 @@ class GrowingLayer(DynamicLayer):
 
         self.key_buffer = bigger(self.key_buffer, key_states)
         self.value_buffer = bigger(self.value_buffer, value_states)
+
+    def _holds(self, positions: int, key: torch.Tensor, value: torch.Tensor) -> bool:
+        """Whether the buffers have room for ``positions`` of keys and values like these
+        (a reservation guessed from the config may not match them: the update regrows)."""
+        def fits(buffer: torch.Tensor | None, like: torch.Tensor) -> bool:
+            return (buffer is not None and positions <= buffer.shape[-2] and buffer.dtype == like.dtype
+                    and buffer.device == like.device and buffer.shape[:-2] == like.shape[:-2]
+                    and buffer.shape[-1] == like.shape[-1])
+
+        return fits(self.key_buffer, key) and fits(self.value_buffer, value)
+
+    def reserve(self, positions: int, key_like: torch.Tensor, value_like: torch.Tensor) -> None:
+        """Room for ``positions`` now, shaped like ``key_like`` and ``value_like`` (one
+        position's keys and values): see ``reserve`` below."""
+        if self.key_buffer is not None:
+            if positions <= self.key_buffer.shape[-2]:
+                return
+            key_like, value_like = self.key_buffer[..., :1, :], self.value_buffer[..., :1, :]  # what it holds
+        elif not self.is_initialized:
+            self.lazy_initialization(key_like, value_like)
+        self._grow(key_like, value_like, capacity_for(positions))
+        self._set_length(self.length)
 
     def _set_length(self, length: int) -> None:
         self.length = length
@@ -75,3 +104,20 @@ def session_cache(config) -> DynamicCache:
     cache = DynamicCache(config=config)
     cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
+
+
+def reserve(cache: DynamicCache, positions: int, config, device, dtype) -> None:
+    """Grow every full-attention layer of ``cache`` to hold ``positions`` before a pass
+    instead of during it. Grown during a pass, each layer's buffers are allocated between
+    that layer's activations, and the heap cannot give the freed activations back as one
+    block: a 512-token prompt through half of Qwen2.5-1.5B grew the heap by 130 MiB for
+    34 MiB of live tensors (measured). Where the config's shapes do not match what the
+    attention layers send (it only guesses), the first update regrows the buffers."""
+    layers = [layer for layer in cache.layers if isinstance(layer, GrowingLayer)]
+    if not layers or all(layer.key_buffer is not None and positions <= layer.key_buffer.shape[-2] for layer in layers):
+        return
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    one = torch.empty(1, heads, 1, head_dim, device=device, dtype=dtype)
+    for layer in layers:
+        layer.reserve(positions, one, one)

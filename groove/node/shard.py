@@ -142,6 +142,8 @@ class Shard:
             else:
                 batch.add(p.state.cache, p.start, offset, p.count)
             offset += p.count
+        for p in pieces:
+            kv_cache.reserve(p.state.cache, p.start + p.count, self.s.config, dev, self.s.dtype)
         position_embeddings = self.body.rotary_emb(h, position_ids=position_ids)
         # The batch is both the cache (it files each piece's keys and values in its own
         # session's cache) and the mask (it tells the attention function where pieces end).
