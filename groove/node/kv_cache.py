@@ -31,6 +31,7 @@ class GrowingLayer(DynamicLayer):
     key_buffer: torch.Tensor | None = None
     value_buffer: torch.Tensor | None = None
     length = 0
+
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
         self.key_buffer: torch.Tensor | None = None
