@@ -159,12 +159,18 @@ def read_config(ref: ModelRef) -> dict:
 
 
 def read_safetensors_header(path: Path) -> dict:
+    return safetensors_layout(path)[0]
+
+
+def safetensors_layout(path: Path) -> tuple[dict, int]:
+    """A safetensors file's header, and where its data starts (tensors' ``data_offsets``
+    count from there)."""
     try:
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
             if n > 100 << 20:
                 raise ValueError(f"header of {n} bytes is implausible")
-            return json.loads(f.read(n))
+            return json.loads(f.read(n)), 8 + n
     except (OSError, ValueError, struct.error) as exc:
         raise ModelError(f"{path} is not a readable safetensors file: {exc}") from None
 

@@ -69,12 +69,15 @@ class GrowingLayer(DynamicLayer):
 
         return fits(self.key_buffer, key) and fits(self.value_buffer, value)
 
+    def has_room(self, positions: int) -> bool:
+        return self.key_buffer is not None and positions <= self.key_buffer.shape[-2]
+
     def reserve(self, positions: int, key_like: torch.Tensor, value_like: torch.Tensor) -> None:
         """Room for ``positions`` now, shaped like ``key_like`` and ``value_like`` (one
         position's keys and values): see ``reserve`` below."""
+        if self.has_room(positions):
+            return
         if self.key_buffer is not None:
-            if positions <= self.key_buffer.shape[-2]:
-                return
             key_like, value_like = self.key_buffer[..., :1, :], self.value_buffer[..., :1, :]  # what it holds
         elif not self.is_initialized:
             self.lazy_initialization(key_like, value_like)
@@ -115,7 +118,7 @@ def reserve(cache: DynamicCache, positions: int, config, device, dtype) -> None:
     34 MiB of live tensors (measured). Where the config's shapes do not match what the
     attention layers send (it only guesses), the first update regrows the buffers."""
     layers = [layer for layer in cache.layers if isinstance(layer, GrowingLayer)]
-    if not layers or all(layer.key_buffer is not None and positions <= layer.key_buffer.shape[-2] for layer in layers):
+    if all(layer.has_room(positions) for layer in layers):
         return
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

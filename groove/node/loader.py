@@ -18,9 +18,7 @@ resident (a few MB) instead of the whole table (272 MB for Qwen2.5-0.5B's 151,93
 from __future__ import annotations
 
 import copy
-import json
 import os
-import struct
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -30,7 +28,7 @@ import torch
 from torch import nn
 
 from ..models.architectures import check_supported
-from ..models.checkpoint import EMBED_KEY, HEAD_KEY, LAYER_KEY, NORM_KEY, Checkpoint, ModelError, hub_file
+from ..models.checkpoint import EMBED_KEY, HEAD_KEY, LAYER_KEY, NORM_KEY, Checkpoint, ModelError, hub_file, safetensors_layout
 
 
 @dataclass
@@ -139,10 +137,8 @@ _ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16
 
 def read_tensors(path, names: list[str]):
     """Yield (name, CPU tensor) for ``names`` from one safetensors file, reading only their bytes."""
+    header, base = safetensors_layout(path)
     with open(path, "rb") as f:
-        (hlen,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(hlen))
-        base = 8 + hlen
         for name in sorted(names, key=lambda n: header[n]["data_offsets"][0]):
             dtype, start, end = _dtype_and_range(header, name)
             t = torch.empty(header[name]["shape"], dtype=dtype)
@@ -172,16 +168,14 @@ class RowsOnDemand:
 
     def __init__(self, path, name: str):
         self.path = path
-        with open(path, "rb") as f:
-            (hlen,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(hlen))
+        header, base = safetensors_layout(path)
         dtype, start, end = _dtype_and_range(header, name)
         shape = header[name]["shape"]
         if len(shape) != 2 or shape[0] * shape[1] * dtype.itemsize != end - start:
             raise ModelError(f"tensor {name} in {path} is not a table of rows")
         self.table = torch.empty(shape, dtype=dtype)
         self._bytes = self.table.view(torch.uint8).numpy()  # [rows, bytes per row]
-        self.offset = 8 + hlen + start
+        self.offset = base + start
         self.fetched: set[int] = set()
         self._fd = os.open(path, os.O_RDONLY)
 
